@@ -1,0 +1,65 @@
+"""`t2i`: one entry point, one subcommand per stage of the flow.
+
+Each subcommand lives in its own `jobs/<name>.py` exposing `register(subparsers)`; the module list
+below is the whole CLI surface. Heavy imports (torch, ray) happen inside each command's `run`, so
+`t2i --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from trainer.config import ConfigError
+
+# Modules that register subcommands, in the order `t2i --help` lists them (the order of the flow).
+COMMAND_MODULES = ("jobs.data",)
+
+DESCRIPTION = """\
+Train text-to-image models at cluster scale on Ray.
+
+flow:  t2i data digits -> t2i preprocess -> t2i tokenize -> t2i train -> t2i sample / t2i eval
+
+Commands that use Ray start a local in-process instance by default; pass --address (or set
+RAY_ADDRESS) to use a running cluster. Config files are YAML; any value can be overridden on the
+command line as key.sub=value.
+"""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The shared `--config CFG [key.sub=value ...]` arguments."""
+    parser.add_argument(
+        "--config", required=required, metavar="CFG", help="YAML config file (see jobs/configs/)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="override any config value"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t2i", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # User errors (bad config, bad path, bad data) get one clear line, not a traceback.
+        print(f"t2i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

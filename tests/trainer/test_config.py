@@ -1,0 +1,115 @@
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import pytest
+
+from trainer.config import (
+    REQUIRED,
+    ConfigError,
+    DigitsConfig,
+    StorageConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+)
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    name: str = REQUIRED
+    steps: int = 10
+    flag: bool = False
+    path: str | None = None
+    inner: Inner = field(default_factory=Inner)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides_build_typed_tree(tmp_path):
+    p = write(tmp_path, "name: run1\nsteps: 5\ninner:\n  lr: 2\n  mode: b\n")
+    cfg = load_config(Outer, p, ["inner.betas=[0.5, 0.6]", "flag=true", "path=/x", "name=007"])
+    assert cfg.name == "007"  # a str field keeps override text verbatim
+    assert cfg.steps == 5 and cfg.flag is True and cfg.path == "/x"
+    assert cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.betas == [0.5, 0.6] and cfg.inner.mode == "b"
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    p = write(tmp_path, "name: x\ninner:\n  lrr: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, p)
+    assert "inner.lrr" in str(e.value) and str(p) in str(e.value)
+    assert "lr" in str(e.value)  # lists the valid keys
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'inner\.nope'"):
+        load_config(Outer, None, ["name=x", "inner.nope=1"])
+    with pytest.raises(ConfigError, match=r"'steps' has no sub-keys"):
+        load_config(Outer, None, ["name=x", "steps.deep=1"])
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("name: x\nsteps: ten\n", "steps"),
+        ("name: x\nsteps: 1.5\n", "steps"),
+        ("name: x\nflag: 1\n", "flag"),
+        ("name: x\ninner: 3\n", "inner"),
+        ("name: x\ninner:\n  betas: 0.9\n", "inner.betas"),
+        ("name: x\ninner:\n  betas: [0.9, hi]\n", "inner.betas[1]"),
+        ("name: x\ninner:\n  mode: c\n", "inner.mode"),
+        ("name: 5\n", "name"),
+    ],
+)
+def test_wrong_type_names_key_and_file(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, p)
+    assert f"'{key}'" in str(e.value) and str(p) in str(e.value)
+
+
+def test_wrong_type_on_command_line():
+    with pytest.raises(ConfigError, match=r"command line: 'steps' expects int, got str 'many'"):
+        load_config(Outer, None, ["name=x", "steps=many"])
+
+
+def test_missing_required_value(tmp_path):
+    p = write(tmp_path, "steps: 3\n")
+    with pytest.raises(ConfigError, match=r"missing required value 'name'") as e:
+        load_config(Outer, p)
+    assert str(p) in str(e.value)
+
+
+def test_malformed_override_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        apply_overrides(Outer(name="x"), ["steps"])
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(Outer, tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Outer, write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, write(tmp_path, "a: [1,\n"))
+
+
+def test_asdict_round_trip_across_a_boundary():
+    cfg = load_config(Outer, None, ["name=x", "inner.lr=0.5", "storage.region=eu-west-1"])
+    assert from_dict(Outer, asdict(cfg)) == cfg
+
+
+def test_digits_config_requires_out():
+    with pytest.raises(ConfigError, match="missing required value 'out'"):
+        load_config(DigitsConfig)
+    assert load_config(DigitsConfig, None, ["out=/tmp/x"]).image_size == 32
