@@ -75,3 +75,22 @@ def s3_bucket(s3_server):
     name = f"t2i-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server, tmp_path_factory):
+    """One local Ray instance for the whole test session (started after the S3 fixture so that
+    workers inherit its environment). Logical CPUs exceed the 2 real cores so a 2-worker trainer
+    and Ray Data tasks can be scheduled together; tests keep their work tiny."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache/torch_extensions")
+    )
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="warning", log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

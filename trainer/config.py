@@ -50,6 +50,7 @@ class RayConfig:
 
     address: str | None = None  # None: $RAY_ADDRESS if set, else a local instance
     num_cpus: int | None = None  # local instance only; None: all cores
+    dashboard: bool = True  # local instance only; bound to 127.0.0.1
 
 
 # --------------------------------------------------------------------------------------------

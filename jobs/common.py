@@ -1,0 +1,35 @@
+"""What every Ray-using entry point shares: connecting to Ray with safe defaults."""
+
+from __future__ import annotations
+
+import os
+
+from trainer.config import RayConfig
+
+
+def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None):
+    """Connect to `cfg.address` / $RAY_ADDRESS, or start a local instance.
+
+    Ray's token authentication stays on (Ray 2.60 default: `~/.ray/auth_token`). A local
+    instance's dashboard binds to 127.0.0.1 only; a cluster's binding is the cluster's setting.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    return ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=cfg.dashboard,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+    )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
