@@ -10,10 +10,14 @@ PORT=${RAY_HEAD_PORT:-6380}
 BASE=${RAY_CLUSTER_DIR:-/tmp/t2i-cluster}
 CPUS=${RAY_NODE_CPUS:-2}
 
+# Token authentication stays on: every node and client presents ~/.ray/auth_token.
+export RAY_AUTH_MODE=token
+
 case "${1:-}" in
   start)
     workers=${2:-1}
     mkdir -p "$BASE"
+    "$RAY" get-auth-token --generate >/dev/null
     "$RAY" start --head --port "$PORT" --num-cpus "$CPUS" --temp-dir "$BASE/head" \
       --dashboard-host 127.0.0.1 --disable-usage-stats
     for i in $(seq 1 "$workers"); do

@@ -85,6 +85,7 @@ def ray_local(s3_server, tmp_path_factory):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # keep test logs readable
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache/torch_extensions")

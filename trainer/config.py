@@ -20,6 +20,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from trainer.models.dalle import DalleConfig
+
 T = TypeVar("T")
 
 # Sentinel for values a job cannot default (an output path, say). `validate_required` reports them.
@@ -71,6 +73,170 @@ class DigitsConfig:
     photos: int = 64  # real photo crops (scikit-image samples) for tokenizer checks; 0: none
     photo_size: int = 64  # side of each photo crop
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train workers: one data-parallel rank each."""
+
+    num_workers: int = 2
+    use_gpu: bool = False  # one GPU per worker when True
+    cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # not applied to biases, norms and embeddings
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclass
+class EngineSection:
+    """How DeepSpeed runs the model: the one place parallelism and precision are chosen."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    grad_accum_steps: int = 1
+    activation_checkpointing: bool = False  # recompute each transformer block in backward
+    zero_init: bool = True  # stage 3: build the model partitioned (no rank holds it whole)
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"  # ZeRO-Offload / ZeRO-Infinity
+    nvme_path: str = "/tmp/t2i-nvme"  # local disk for offload_optimizer=nvme
+    sub_group_size: int = 50_000_000  # stage 3 optimizer-step granularity (bounds peak memory)
+    max_bad_steps: int = 5  # consecutive non-finite steps before the job stops
+
+
+@dataclass
+class DataSection:
+    """Where training batches come from: a token dataset (from `t2i tokenize`) or synthetic."""
+
+    source: Literal["tokens", "synthetic"] = "tokens"
+    path: str = ""  # token dataset dir or s3:// prefix (source=tokens)
+    batch_size: int = 8  # per worker, per micro-step
+    synthetic_samples: int = 512  # rows per epoch (source=synthetic)
+    shuffle_seed: int = 0  # per-epoch shuffle is seeded: every run sees the same order
+    local_shuffle_buffer: int = 0  # rows; 0 keeps the dataset order
+
+
+@dataclass
+class CheckpointSection:
+    """Checkpoints under `<storage_path>/<run name>/checkpoints/step_NNNNNNN/`."""
+
+    storage_path: str = "runs/train"  # local dir or s3://bucket/prefix
+    every_steps: int = 100  # 0: only at the end
+    keep: int = 3  # complete checkpoints kept (older ones deleted); 0 keeps all
+    export_weights: bool = True  # also write consolidated model.safetensors at the end
+
+
+@dataclass
+class FaultSection:
+    """Fault injection, for testing recovery (chaos drills): off by default."""
+
+    kill_at_step: int = 0  # hard-kill one worker process right after this step; 0: never
+    kill_marker: str = ""  # file that records the kill, so only the first attempt dies
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+
+
+@dataclass
+class TrainConfig:
+    """`t2i train`: one engine, the objective picks model and loss."""
+
+    name: str = REQUIRED  # run name: re-running the same name resumes it
+    objective: Literal["dalle"] = "dalle"
+    steps: int = 100  # optimizer steps in total
+    seed: int = 0
+    log_every: int = 10
+    peak_tflops: float = 0.0  # per worker, for MFU; 0: measure a bf16 matmul at start
+    dalle: DalleConfig = field(default_factory=DalleConfig)  # objective=dalle: the transformer
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    failure_max_retries: int = 2  # worker-group restarts from the last complete checkpoint
+    faults: FaultSection = field(default_factory=FaultSection)
+
+
+@dataclass
+class PreprocessValidateSection:
+    """Hostile-input limits of `t2i preprocess`: breaking one quarantines that sample only."""
+
+    max_pixels: int = (
+        89_478_485  # width*height from the image header above this: decompression bomb
+    )
+    max_member_bytes: int = 64 * 1024 * 1024  # one tar member larger than this is not read
+    max_caption_bytes: int = 4096  # UTF-8 bytes; longer captions are quarantined
+    image_extensions: list[str] = field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp"]
+    )  # in order of preference when a sample holds several
+    caption_extensions: list[str] = field(default_factory=lambda: ["txt", "caption"])
+    unsafe_extensions: list[str] = field(
+        default_factory=lambda: ["pkl", "pickle", "pth", "pt", "ckpt", "bin", "joblib"]
+    )  # pickle-capable formats: the sample is quarantined, the member never deserialized
+    # (.npy/.npz members are inspected safely: object dtype, i.e. pickle, is quarantined)
+
+
+@dataclass
+class PreprocessFilterSection:
+    """Curation filters applied to samples that passed validation."""
+
+    min_side: int = 0  # shorter image side in pixels; 0 disables
+    max_aspect_ratio: float = 0.0  # long side / short side; 0 disables
+    min_caption_words: int = 0  # whitespace-separated words; 0 disables
+    max_caption_words: int = 0  # 0 disables
+
+
+@dataclass
+class PreprocessClipSection:
+    """CLIP scoring: cosine(image, text) from an open_clip model, run on a Ray actor pool."""
+
+    enabled: bool = True  # False: no score filter and no near-duplicate detection
+    model: str = "ViT-B-32"  # open_clip model name (built-in, or the stem of `model_config`)
+    model_config: str = ""  # optional open_clip model-config JSON file for a custom architecture
+    checkpoint: str = ""  # local open_clip checkpoint (.pt/.bin/.safetensors); "": random init
+    threshold: float = 0.28  # keep cosine >= threshold (LAION-400M's value for ViT-B/32)
+    batch_size: int = 64  # images per forward pass; batches are padded to it (batch-invariant)
+    concurrency: int = 1  # actors in the pool
+    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
+    num_cpus: float = 1.0  # per actor; also its torch thread count (at least 1)
+
+
+@dataclass
+class PreprocessDedupSection:
+    """Exact (decoded pixels) and near (CLIP image embedding) duplicate removal."""
+
+    exact: bool = True  # drop samples whose decoded pixels equal a smaller key's
+    near: bool = True  # drop samples whose embedding cosine >= near_threshold to a kept one
+    near_threshold: float = 0.96
+    lsh_bands: int = 8  # random-hyperplane LSH: tables; more bands find more pairs, cost more
+    lsh_bits: int = 10  # hyperplanes per band; more bits give smaller buckets
+    seed: int = 0  # seeds the hyperplanes (the result is deterministic for a seed)
+
+
+@dataclass
+class PreprocessConfig:
+    """`t2i preprocess`: validated, filtered, deduplicated WebDataset shards from raw ones."""
+
+    input: str | list[str] = REQUIRED  # dir, shard, glob (s3://b/p/*.tar) or a list of them
+    output: str = REQUIRED  # output dir or s3://bucket/prefix; a rerun resumes what is there
+    max_bad_fraction: float = 0.05  # fail if validation quarantines more than this fraction
+    decode_batch_size: int = 64  # rows per CPU decode task batch
+    keep_work: bool = False  # keep the `_work/` intermediates after success (debugging)
+    validate: PreprocessValidateSection = field(default_factory=PreprocessValidateSection)
+    filters: PreprocessFilterSection = field(default_factory=PreprocessFilterSection)
+    clip: PreprocessClipSection = field(default_factory=PreprocessClipSection)
+    dedup: PreprocessDedupSection = field(default_factory=PreprocessDedupSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 # --------------------------------------------------------------------------------------------

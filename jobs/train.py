@@ -1,0 +1,60 @@
+"""`t2i train`: one engine for every objective (Ray Train workers x DeepSpeed ZeRO).
+
+t2i train --config jobs/configs/dalle_digits.yaml [key.sub=value ...] [--address ADDR]
+python -m jobs.train --config ...                   # same; usable with `ray job submit`
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.cli import add_config_arguments
+from trainer.config import TrainConfig, load_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (objective from the config) with Ray Train + DeepSpeed",
+        description=(
+            "Train with Ray Train (scaling.num_workers ranks) and DeepSpeed ZeRO "
+            "(engine.zero_stage). Checkpoints go to checkpoint.storage_path/<name>; re-running "
+            "the same name resumes from its newest complete checkpoint. Metrics appear in the "
+            "Ray dashboard and as TensorBoard events."
+        ),
+    )
+    add_config_arguments(p)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.common import init_ray
+    from trainer.config import to_yaml
+    from trainer.launch import fit, worker_env
+
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    cfg = load_config(TrainConfig, args.config, overrides)
+    print(
+        f"train: {cfg.name} objective={cfg.objective} workers={cfg.scaling.num_workers} "
+        f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision} steps={cfg.steps}"
+    )
+    init_ray(cfg.ray, runtime_env={"env_vars": worker_env()})
+    result = fit(cfg)
+    if result.error:
+        print(f"train: failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"train: done; last metrics: {result.metrics}")
+    print(f"train: resolved config:\n{to_yaml(cfg)}", end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Checkpoints that are complete or ignored.
+
+Layout (local dir or s3://), one directory per step:
+
+    <storage_path>/<run>/checkpoints/step_00000100/
+        ds/state/...                DeepSpeed engine state (every rank's ZeRO shards)
+        rng_rank00000.safetensors   each rank's torch RNG state
+        train_state.json            step, data position (epoch, batches consumed), counters
+        config.yaml                 the resolved TrainConfig
+        model.safetensors           consolidated weights (final checkpoint, when exported)
+        manifest.json               WRITTEN LAST: size + sha256 of every file above
+
+A directory without a valid manifest, or whose files do not match it, is not a checkpoint: the
+loader skips it (a crash mid-save leaves exactly that). We never trust DeepSpeed's `latest` file,
+which it writes before its final barrier. Every rank stages its own files on local disk, uploads
+them, and reports their checksums to rank 0, which writes the manifest once all uploads are done.
+
+DeepSpeed's engine state is pickled (`torch.load(weights_only=False)` inside DeepSpeed); we only
+hand DeepSpeed files whose sha256 matches the manifest that this code wrote. Exported weights are
+safetensors, which cannot execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import pyarrow.fs as pafs
+
+from data_pipeline import fs
+
+FORMAT = "ray-t2i/checkpoint"
+VERSION = 1
+DS_TAG = "state"
+_STEP_RE = re.compile(r"step_(\d{8})$")
+_ZERO_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+@dataclass
+class TrainState:
+    """Where training is: saved in every checkpoint, restored on resume."""
+
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this rank consumed in `epoch`
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    samples_seen: int = 0  # all ranks
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def local_files(root: str) -> list[str]:
+    """Relative paths of all files under `root`, sorted."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
+    return sorted(out)
+
+
+def upload_dir(local_root: str, dest: fs.Location) -> dict[str, dict]:
+    """Copy every file under `local_root` to `dest`; return {relpath: {bytes, sha256}}."""
+    entries = {}
+    for rel in local_files(local_root):
+        src = os.path.join(local_root, rel)
+        size, digest = file_digest(src)
+        with open(src, "rb") as f, fs.open_output_atomic(dest.join(rel)) as out:
+            shutil.copyfileobj(f, out, 1 << 22)
+        entries[rel] = {"bytes": size, "sha256": digest}
+    return entries
+
+
+def write_manifest(dest: fs.Location, step: int, files: dict[str, dict]) -> None:
+    doc = {"format": FORMAT, "version": VERSION, "step": step, "files": dict(sorted(files.items()))}
+    fs.write_bytes_atomic(dest.join("manifest.json"), json.dumps(doc, indent=2).encode())
+
+
+def read_manifest(ckpt: fs.Location) -> dict | None:
+    """The manifest if `ckpt` is complete (manifest valid, every file present with its size)."""
+    loc = ckpt.join("manifest.json")
+    try:
+        doc = json.loads(fs.read_bytes(loc))
+    except (OSError, ValueError):
+        return None
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        return None
+    infos = {
+        i.path: i.size
+        for i in ckpt.fs.get_file_info(pafs.FileSelector(ckpt.path, recursive=True))
+        if i.type == pafs.FileType.File
+    }
+    for rel, meta in doc.get("files", {}).items():
+        if infos.get(f"{ckpt.path}/{rel}") != meta["bytes"]:
+            return None
+    return doc
+
+
+def list_complete(run: fs.Location) -> list[tuple[int, fs.Location]]:
+    """(step, location) of every complete checkpoint of a run, newest first."""
+    base = run.join("checkpoints")
+    try:
+        infos = base.fs.get_file_info(pafs.FileSelector(base.path, allow_not_found=True))
+    except OSError:
+        return []
+    found = []
+    for info in infos:
+        m = _STEP_RE.search(info.path)
+        if info.type == pafs.FileType.Directory and m:
+            loc = base.join(info.base_name)
+            if read_manifest(loc) is not None:
+                found.append((int(m.group(1)), loc))
+    return sorted(found, key=lambda t: -t[0])
+
+
+def download(ckpt: fs.Location, local_root: str, *, rank: int | None = None) -> dict:
+    """Fetch a complete checkpoint to `local_root`, verifying every file's sha256.
+
+    With `rank`, other ranks' ZeRO shards are skipped (same world size on resume).
+    Raises ValueError naming the file on any mismatch.
+    """
+    doc = read_manifest(ckpt)
+    if doc is None:
+        raise ValueError(f"{ckpt.uri}: not a complete checkpoint")
+    for rel, meta in doc["files"].items():
+        m = _ZERO_SHARD_RE.search(os.path.basename(rel))
+        if rank is not None and m and int(m.group(1)) != rank:
+            continue
+        dst = os.path.join(local_root, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        h = hashlib.sha256()
+        with ckpt.fs.open_input_stream(ckpt.join(rel).path) as src, open(dst, "wb") as out:
+            while chunk := src.read(1 << 22):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != meta["sha256"]:
+            raise ValueError(f"{ckpt.join(rel).uri}: sha256 does not match the manifest")
+    return doc
+
+
+def prune(run: fs.Location, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints (and incomplete older ones)."""
+    if keep <= 0:
+        return []
+    complete = list_complete(run)
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[keep - 1][0]
+    removed = []
+    base = run.join("checkpoints")
+    for info in base.fs.get_file_info(pafs.FileSelector(base.path, allow_not_found=True)):
+        m = _STEP_RE.search(info.path)
+        if info.type == pafs.FileType.Directory and m and int(m.group(1)) < oldest_kept:
+            base.fs.delete_dir(info.path)
+            removed.append(info.path)
+    return removed
+
+
+def staging_dir(prefix: str) -> str:
+    return tempfile.mkdtemp(prefix=f"t2i-{prefix}-")
+
+
+def state_to_json(state: TrainState) -> bytes:
+    return json.dumps(asdict(state), indent=2).encode()

@@ -1,0 +1,144 @@
+"""The engine: the one place that turns a typed config into a DeepSpeed-wrapped model.
+
+Order of application (like torchtitan's `parallelize.py`): build the single-device model
+(partitioned at construction under ZeRO-3), apply activation checkpointing to each block, then
+`deepspeed.initialize` with a config generated here — no script writes its own DeepSpeed dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from trainer.config import TrainConfig
+
+
+def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """DeepSpeed's JSON config from the typed config. LR scheduling is ours (`compute_lr`)."""
+    e, o = cfg.engine, cfg.optimizer
+    zero: dict = {"stage": e.zero_stage}
+    if e.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if e.zero_stage == 3:
+        zero.update(sub_group_size=e.sub_group_size, stage3_gather_16bit_weights_on_model_save=True)
+    if e.offload_optimizer != "none":
+        if e.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
+        offload: dict = {"device": e.offload_optimizer, "pin_memory": False}
+        if e.offload_optimizer == "nvme":
+            offload.update(nvme_path=e.nvme_path, buffer_count=4, fast_init=False)
+        zero["offload_optimizer"] = offload
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": e.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * e.grad_accum_steps * world_size,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no ~60 s fused-op build
+        "steps_per_print": 10**9,  # we log; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if e.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif e.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 100}
+    if e.offload_optimizer == "nvme":
+        ds["aio"] = {
+            "block_size": 1 << 20,
+            "queue_depth": 8,
+            "thread_count": 1,
+            "single_submit": False,
+            "overlap_events": True,
+        }
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices, not biases, norms or embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.ndim >= 2 and "emb" not in name and "pos" not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    groups = param_groups(model, o.weight_decay)
+    if cfg.engine.offload_optimizer != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def model_init_context(cfg: TrainConfig, ds_config: dict):
+    """Under ZeRO-3 with `zero_init`, parameters are partitioned as they are created."""
+    if cfg.engine.zero_stage == 3 and cfg.engine.zero_init:
+        import deepspeed
+
+        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+    return contextlib.nullcontext()
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block of `model.blocks` in backward; state-dict keys are unchanged."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no `blocks` to checkpoint")
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return len(blocks)
+
+
+def initialize(cfg: TrainConfig, build_model: Callable[[], nn.Module], world_size: int):
+    """Build the model and wrap it in a DeepSpeed engine. Returns (engine, ds_config)."""
+    import deepspeed
+
+    ds_config = build_deepspeed_config(cfg, world_size)
+    # Adopt the process group Ray Train created (gloo on CPU, nccl on GPU) before zero.Init.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    with model_init_context(cfg, ds_config):
+        model = build_model()
+    if cfg.engine.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, cfg),
+        config=ds_config,
+        dist_init_required=False,  # Ray Train has already set up the process group
+    )
+    return engine, ds_config
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def local_params_finite(engine) -> bool:
+    """True when this rank's parameter shards are all finite (ZeRO-3 shards via `ds_tensor`)."""
+    for p in engine.module.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        if t.numel() and not torch.isfinite(t).all():
+            return False
+    return True
+
+
+def default_torch_extensions_dir() -> None:
+    """DeepSpeed compiles a shm-comm op on first use (~40 s): cache it across runs."""
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        os.path.join(os.path.expanduser("~"), ".cache", "ray-t2i", "torch_extensions"),
+    )

@@ -1,0 +1,262 @@
+"""The one training loop, run by every Ray Train worker, for every objective.
+
+    cfg      <- TrainConfig rebuilt from the dict Ray passed (never a module global)
+    engine   <- trainer.engine.initialize(objective.build_model)
+    resume   <- newest COMPLETE checkpoint under <storage>/<name>, if any
+    loop     :  batch -> objective.loss(model, batch) -> guard -> backward -> step -> report
+                every N steps: checkpoint (all ranks upload, rank 0 writes the manifest last)
+
+Exactly-once data: the dataset order is deterministic (Ray Data `preserve_order`, seeded
+shuffles), so each rank sees the same stream of batches in every attempt; the checkpoint records
+how many batches this epoch consumed and a resumed run skips exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import fs
+from trainer import checkpoint as ckpt_io
+from trainer.config import TrainConfig, from_dict, to_yaml
+from trainer.engine import initialize, local_params_finite, set_lr
+from trainer.metrics import MetricsLogger, current_rss_gib, measure_peak_flops
+from trainer.objectives import build_objective
+from trainer.schedules import compute_lr
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: `config = {"cfg": asdict(TrainConfig)}`."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    cfg = from_dict(TrainConfig, config["cfg"], source="train_loop_per_worker")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
+
+    objective = build_objective(cfg)
+    rss_before_init = current_rss_gib()
+    engine, _ = initialize(cfg, objective.build_model, world)
+    run = run_location(cfg)
+    state = resume(engine, run, rank)
+    torch.manual_seed(cfg.seed * 1000 + rank + 1 + state.step)  # dropout etc.: per rank, per resume
+
+    shard = ray.train.get_dataset_shard("train")
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops()
+    logger = MetricsLogger(cfg, rank, world, objective, peak)
+    logger.rss_before_init = rss_before_init
+    bad_in_a_row = 0
+    micro_in_step = 0
+    while state.step < cfg.steps:
+        for batch in iter_epoch(shard, cfg, state):
+            state.batches_in_epoch += 1
+            loss, metrics = objective.loss(engine, batch)
+            loss = nan_hook(cfg, loss, state.step)
+            if not all_ranks_finite(loss):
+                # Skip on every rank together: a partial backward would desync the collectives.
+                state.skipped_steps += 1
+                bad_in_a_row += 1
+                logger.skipped(state, "non-finite loss")
+                check_bad_steps(bad_in_a_row, cfg)
+                continue
+            set_lr(
+                engine,
+                compute_lr(
+                    state.step,
+                    lr=cfg.optimizer.lr,
+                    warmup_steps=cfg.optimizer.warmup_steps,
+                    total_steps=cfg.steps,
+                    min_lr_ratio=cfg.optimizer.min_lr_ratio,
+                ),
+            )
+            engine.backward(loss)
+            engine.step()
+            micro_in_step += 1
+            logger.accumulate(loss, metrics, batch)
+            if micro_in_step < cfg.engine.grad_accum_steps:
+                continue
+            micro_in_step = 0
+            if not engine.was_step_applied():  # DeepSpeed found non-finite gradients (bf16/fp16)
+                state.skipped_steps += 1
+                bad_in_a_row += 1
+                logger.skipped(state, "non-finite gradients")
+                check_bad_steps(bad_in_a_row, cfg)
+                continue
+            bad_in_a_row = 0
+            state.step += 1
+            state.samples_seen += cfg.data.batch_size * cfg.engine.grad_accum_steps * world
+            last = state.step >= cfg.steps
+            every = cfg.checkpoint.every_steps
+            ckpt_step = last or bool(every and state.step % every == 0)
+            metrics = logger.step(engine, state, force=ckpt_step)
+            checkpoint = (
+                save(engine, cfg, run, state, rank, world, objective, export=last)
+                if ckpt_step
+                else None
+            )
+            if metrics is not None:
+                # Every rank reports (it is a barrier); rank 0 registers the checkpoint, already
+                # complete in storage, so Ray's Result and dashboard point at it.
+                ray.train.report(
+                    metrics,
+                    checkpoint=checkpoint,
+                    checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+                )
+            kill_hook(cfg, state.step, rank)
+            if last:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    logger.close()
+
+
+def run_location(cfg: TrainConfig) -> fs.Location:
+    """This run's directory, on the filesystem Ray Train was given: checkpoints written there are
+    'managed' by Ray (registered without a second upload) and found again on resume."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    uri = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.name}"
+    return fs.Location(storage.storage_filesystem, storage.experiment_fs_path, uri)
+
+
+def kill_hook(cfg: TrainConfig, step: int, rank: int) -> None:
+    """Fault injection (cfg.faults): rank 1 (rank 0 when alone) hard-kills its process right after
+    `kill_at_step`, once — the marker file records the kill so the restarted attempt goes on."""
+    f = cfg.faults
+    if not f.kill_at_step or step != f.kill_at_step or rank != min(1, dist.get_world_size() - 1):
+        return
+    if f.kill_marker and os.path.exists(f.kill_marker):
+        return
+    if f.kill_marker:
+        with open(f.kill_marker, "w") as out:
+            out.write(f"killed rank {rank} after step {step}\n")
+    os.kill(os.getpid(), 9)
+
+
+def nan_hook(cfg: TrainConfig, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Fault injection (cfg.faults): a NaN loss at the configured steps."""
+    return loss * float("nan") if step in cfg.faults.nan_loss_at_steps else loss
+
+
+def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
+    """This rank's batches for `state.epoch`, skipping those a previous attempt consumed."""
+    skip = state.batches_in_epoch
+    seed = cfg.data.shuffle_seed * 100_003 + state.epoch
+    it = shard.iter_torch_batches(
+        batch_size=cfg.data.batch_size,
+        drop_last=True,  # every rank takes the same number of steps
+        local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+        local_shuffle_seed=seed if cfg.data.local_shuffle_buffer else None,
+    )
+    for i, batch in enumerate(it):
+        if i >= skip:
+            yield batch
+
+
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    flag = torch.tensor([1.0 if torch.isfinite(loss.detach()).all() else 0.0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def check_bad_steps(bad_in_a_row: int, cfg: TrainConfig) -> None:
+    if bad_in_a_row >= cfg.engine.max_bad_steps:
+        raise NonFiniteError(
+            f"{bad_in_a_row} consecutive non-finite steps (engine.max_bad_steps="
+            f"{cfg.engine.max_bad_steps}): lower optimizer.lr, check the data, or use bf16/fp32"
+        )
+
+
+def resume(engine, run: fs.Location, rank: int) -> ckpt_io.TrainState:
+    """Load the newest complete checkpoint of `run` into `engine`; fresh state if none."""
+    for step, loc in ckpt_io.list_complete(run):
+        local = ckpt_io.staging_dir(f"load-r{rank}")
+        try:
+            ckpt_io.download(loc, local, rank=rank)
+        except (ValueError, OSError) as e:
+            print(f"[t2i] rank {rank}: skipping checkpoint {loc.uri}: {e}", flush=True)
+            shutil.rmtree(local, ignore_errors=True)
+            continue
+        engine.load_checkpoint(
+            os.path.join(local, "ds"),
+            tag=ckpt_io.DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        from safetensors.torch import load_file
+
+        rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
+        if os.path.exists(rng):
+            torch.set_rng_state(load_file(rng)["torch_cpu"])
+        with open(os.path.join(local, "train_state.json")) as f:
+            state = from_dict(ckpt_io.TrainState, json.load(f), source=loc.uri)
+        shutil.rmtree(local, ignore_errors=True)
+        if rank == 0:
+            print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
+        return state
+    return ckpt_io.TrainState()
+
+
+def save(
+    engine,
+    cfg: TrainConfig,
+    run: fs.Location,
+    state: ckpt_io.TrainState,
+    rank: int,
+    world: int,
+    objective,
+    *,
+    export: bool,
+) -> None:
+    """Every rank stages and uploads its files; rank 0 writes the manifest after all are done.
+    Returns the Ray Checkpoint on rank 0, None elsewhere."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    ok = torch.tensor([1.0 if local_params_finite(engine) else 0.0])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() != 1.0:
+        raise NonFiniteError(f"refusing to checkpoint step {state.step}: parameters are not finite")
+    dest = run.join("checkpoints", ckpt_io.step_dir_name(state.step))
+    local = ckpt_io.staging_dir(f"save-r{rank}")
+    engine.save_checkpoint(os.path.join(local, "ds"), tag=ckpt_io.DS_TAG, save_latest=False)
+    save_file(
+        {"torch_cpu": torch.get_rng_state()}, os.path.join(local, f"rng_rank{rank:05d}.safetensors")
+    )
+    weights = (
+        objective.export_state_dict(engine) if export and cfg.checkpoint.export_weights else None
+    )
+    if rank == 0:
+        with open(os.path.join(local, "train_state.json"), "wb") as f:
+            f.write(ckpt_io.state_to_json(state))
+        with open(os.path.join(local, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        if weights is not None:
+            save_file(
+                weights,
+                os.path.join(local, "model.safetensors"),
+                metadata={"objective": cfg.objective, "step": str(state.step)},
+            )
+    files = ckpt_io.upload_dir(local, dest)
+    shutil.rmtree(local, ignore_errors=True)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, files)  # also the barrier: every upload is done
+    if rank == 0:
+        merged = {k: v for part in gathered for k, v in part.items()}
+        ckpt_io.write_manifest(dest, state.step, merged)
+        ckpt_io.prune(run, cfg.checkpoint.keep)
+        print(f"[t2i] checkpoint step {state.step} -> {dest.uri} ({len(merged)} files)", flush=True)
+    dist.barrier()
+    return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs) if rank == 0 else None

@@ -1,0 +1,35 @@
+"""Objectives: what differs between recipes is the model and `loss(model, batch)`, not the loop.
+
+An objective provides:
+    build_model() -> nn.Module                 single-device module (the engine distributes it)
+    dataset()     -> ray.data.Dataset          the rows it trains on
+    loss(engine, batch) -> (loss, metrics)     one micro-batch
+    tokens_in_batch(batch), flops_per_token()  for throughput and MFU
+    export_state_dict(engine) -> dict | None   consolidated weights for safetensors (rank 0)
+
+The registry maps the config's `objective:` name to a builder (no import strings in YAML).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from trainer.config import TrainConfig
+
+
+def _dalle(cfg: TrainConfig):
+    from trainer.objectives.dalle import DalleObjective
+
+    return DalleObjective(cfg)
+
+
+OBJECTIVES: dict[str, Callable] = {"dalle": _dalle}
+
+
+def build_objective(cfg: TrainConfig):
+    try:
+        return OBJECTIVES[cfg.objective](cfg)
+    except KeyError:
+        raise ValueError(
+            f"unknown objective {cfg.objective!r} (known: {', '.join(sorted(OBJECTIVES))})"
+        ) from None
