@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from trainer.config import RayConfig
 
 
-def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None):
+def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None, min_cpus: float = 0):
     """Connect to `cfg.address` / $RAY_ADDRESS, or start a local instance.
+
+    A local instance advertises at least `min_cpus` logical CPUs: training workers each reserve
+    CPUs, and Ray Data's feeding tasks need some left over, or they would wait forever.
 
     Ray's token authentication stays on (Ray 2.60 default: `~/.ray/auth_token`). A local
     instance's dashboard binds to 127.0.0.1 only; a cluster's binding is the cluster's setting.
@@ -21,8 +25,9 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None):
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(min_cpus))
     return ray.init(
-        num_cpus=cfg.num_cpus,
+        num_cpus=num_cpus,
         include_dashboard=cfg.dashboard,
         dashboard_host="127.0.0.1",
         runtime_env=runtime_env,

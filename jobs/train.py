@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
         f"train: {cfg.name} objective={cfg.objective} workers={cfg.scaling.num_workers} "
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision} steps={cfg.steps}"
     )
-    init_ray(cfg.ray, runtime_env={"env_vars": worker_env()})
+    s = cfg.scaling
+    # Each worker reserves its CPUs; leave 2 for Ray Data's tasks that feed them.
+    init_ray(cfg.ray, runtime_env={"env_vars": worker_env()},
+             min_cpus=s.num_workers * s.cpus_per_worker + 2)
     result = fit(cfg)
     if result.error:
         print(f"train: failed: {result.error}", file=sys.stderr)

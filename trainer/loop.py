@@ -56,11 +56,12 @@ def train_loop_per_worker(config: dict) -> None:
     logger.rss_before_init = rss_before_init
     bad_in_a_row = 0
     micro_in_step = 0
+    nan_fired: set[int] = set()
     while state.step < cfg.steps:
         for batch in iter_epoch(shard, cfg, state):
             state.batches_in_epoch += 1
             loss, metrics = objective.loss(engine, batch)
-            loss = nan_hook(cfg, loss, state.step)
+            loss = nan_hook(cfg, loss, state.step, nan_fired)
             if not all_ranks_finite(loss):
                 # Skip on every rank together: a partial backward would desync the collectives.
                 state.skipped_steps += 1
@@ -144,9 +145,12 @@ def kill_hook(cfg: TrainConfig, step: int, rank: int) -> None:
     os.kill(os.getpid(), 9)
 
 
-def nan_hook(cfg: TrainConfig, loss: torch.Tensor, step: int) -> torch.Tensor:
-    """Fault injection (cfg.faults): a NaN loss at the configured steps."""
-    return loss * float("nan") if step in cfg.faults.nan_loss_at_steps else loss
+def nan_hook(cfg: TrainConfig, loss: torch.Tensor, step: int, fired: set[int]) -> torch.Tensor:
+    """Fault injection (cfg.faults): a NaN loss once at each configured step."""
+    if step in cfg.faults.nan_loss_at_steps and step not in fired:
+        fired.add(step)
+        return loss * float("nan")
+    return loss
 
 
 def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):

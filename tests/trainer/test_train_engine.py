@@ -41,8 +41,10 @@ def final_weights(storage: str, name: str, step: int) -> dict[str, torch.Tensor]
     return load_file(str(local / "model.safetensors"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stage_trains_and_loss_falls(ray_local, tmp_path, stage):
+    # Stage 1 also gets two NaN losses injected: each step is skipped on both ranks and counted.
+    nan = ["faults.nan_loss_at_steps=[3, 5]"] if stage == 1 else []
     _, result = train(
         str(tmp_path),
         f"zero{stage}",
@@ -50,13 +52,15 @@ def test_zero_stage_trains_and_loss_falls(ray_local, tmp_path, stage):
         "steps=16",
         "log_every=4",
         "checkpoint.every_steps=0",
+        *nan,
     )
     m = result.metrics
-    assert m["step"] == 16 and m["skipped_steps"] == 0
+    assert m["step"] == 16 and m["skipped_steps"] == (2 if nan else 0)
     # Chance level is ln(64) = 4.16 for both modalities; the synthetic data is learnable.
     assert m["loss"] < 3.5, m
     assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and m["grad_norm"] > 0
     assert (tmp_path / f"zero{stage}" / "tensorboard").is_dir()
+    assert result.checkpoint is not None and result.checkpoint.path.endswith("step_00000016")
     weights = final_weights(str(tmp_path), f"zero{stage}", 16)
     assert all(torch.isfinite(v).all() for v in weights.values())
 
@@ -92,20 +96,6 @@ def test_worker_killed_resumes_exactly_on_s3(ray_local, tmp_path, s3_bucket):
     assert steps == [10, 8, 4]  # complete ones only; 9 was never complete
 
 
-def test_nan_step_is_skipped_and_counted(ray_local, tmp_path):
-    _, result = train(
-        str(tmp_path),
-        "nan",
-        "steps=6",
-        "log_every=6",
-        "checkpoint.every_steps=0",
-        "faults.nan_loss_at_steps=[2, 3]",
-    )
-    assert result.metrics["skipped_steps"] == 2 and result.metrics["step"] == 6
-    weights = final_weights(str(tmp_path), "nan", 6)
-    assert all(torch.isfinite(v).all() for v in weights.values())
-
-
 def test_consecutive_nan_steps_stop_the_job(ray_local, tmp_path):
     cfg = load_config(
         TrainConfig,
@@ -125,9 +115,10 @@ def test_consecutive_nan_steps_stop_the_job(ray_local, tmp_path):
             raise result.error
 
 
-def test_fp32_consolidation_reproduces_eval_loss(ray_local, tmp_path):
-    """ZeRO-3 checkpoint -> get_fp32_state_dict_from_zero_checkpoint -> a plain model whose loss
-    on a fixed batch equals the loss of the exported weights."""
+def test_zero3_trains_and_fp32_consolidation_reproduces_eval_loss(ray_local, tmp_path):
+    """ZeRO-3 (fp32, built under zero.Init) trains; its checkpoint ->
+    get_fp32_state_dict_from_zero_checkpoint -> a plain model whose loss on a fixed batch equals
+    the loss of the exported weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from data_pipeline.token_dataset import SyntheticTokens
@@ -177,4 +168,4 @@ def test_fp32_consolidation_reproduces_eval_loss(ray_local, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
     assert a < 4.0  # trained: below chance (ln 64 = 4.16)
     info = json.loads((local / "train_state.json").read_text())
-    assert info["step"] == step == 6
+    assert info["step"] == step == 12
