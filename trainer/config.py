@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from trainer.models.dalle import DalleConfig
+from trainer.models.dalle import DalleConfig, dalle_preset
 
 T = TypeVar("T")
 
@@ -141,7 +141,7 @@ class FaultSection:
 
     kill_at_step: int = 0  # hard-kill one worker process right after this step; 0: never
     kill_marker: str = ""  # file that records the kill, so only the first attempt dies
-    nan_loss_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # NaN loss at these steps (per listing)
 
 
 @dataclass
@@ -280,6 +280,17 @@ def load_config(
     return cfg
 
 
+# Sections that accept `preset: NAME`: the named values first, the section's own keys on top.
+PRESETS: dict[type, Any] = {DalleConfig: dalle_preset}
+
+
+def _from_preset(schema: type, name: Any, source: str, key: str) -> Any:
+    try:
+        return PRESETS[schema](name)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: '{key}': {e}") from None
+
+
 def from_dict(
     schema: type[T], data: dict[str, Any], *, source: str = "dict", prefix: str = ""
 ) -> T:
@@ -288,6 +299,10 @@ def from_dict(
         raise ConfigError(
             f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}"
         )
+    if schema in PRESETS and "preset" in data:
+        data = dict(data)
+        base = _from_preset(schema, data.pop("preset"), source, _join(prefix, "preset"))
+        data = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, **data}
     hints = typing.get_type_hints(schema)
     names = {f.name for f in dataclasses.fields(schema) if f.init}
     unknown = sorted(set(data) - names)
@@ -304,7 +319,12 @@ def from_dict(
 
 
 def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
-    """Apply `a.b.c=value` strings; values parse as YAML scalars/lists ("3", "true", "[1,2]")."""
+    """Apply `a.b.c=value` strings; values parse as YAML scalars/lists ("3", "true", "[1,2]").
+
+    `section.preset=NAME` overrides apply first, so `dalle.preset=1b3 dalle.depth=12` means
+    "the 1b3 preset with 12 layers" whatever the order on the command line.
+    """
+    overrides = sorted(overrides, key=lambda o: not o.partition("=")[0].strip().endswith("preset"))
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -344,6 +364,8 @@ def _join(prefix: str, name: str) -> str:
 def _set_path(node: Any, parts: list[str], raw: str, key: str) -> Any:
     """Return a copy of `node` with the field at `parts` set from the override string `raw`."""
     name = parts[0]
+    if name == "preset" and len(parts) == 1 and type(node) in PRESETS:
+        return _from_preset(type(node), raw.strip(), "command line", key)
     fields = {f.name: f for f in dataclasses.fields(node) if f.init}
     if name not in fields:
         done = key[: len(key) - len(".".join(parts))].rstrip(".")

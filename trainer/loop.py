@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     logger.rss_before_init = rss_before_init
     bad_in_a_row = 0
     micro_in_step = 0
-    nan_fired: set[int] = set()
+    nan_fired: Counter = Counter()
     while state.step < cfg.steps:
         for batch in iter_epoch(shard, cfg, state):
             state.batches_in_epoch += 1
@@ -145,10 +146,11 @@ def kill_hook(cfg: TrainConfig, step: int, rank: int) -> None:
     os.kill(os.getpid(), 9)
 
 
-def nan_hook(cfg: TrainConfig, loss: torch.Tensor, step: int, fired: set[int]) -> torch.Tensor:
-    """Fault injection (cfg.faults): a NaN loss once at each configured step."""
-    if step in cfg.faults.nan_loss_at_steps and step not in fired:
-        fired.add(step)
+def nan_hook(cfg: TrainConfig, loss: torch.Tensor, step: int, fired: Counter) -> torch.Tensor:
+    """Fault injection (cfg.faults): a NaN loss at each listed step, once per listing (a step
+    listed twice fails twice in a row: the step does not advance when it is skipped)."""
+    if fired[step] < cfg.faults.nan_loss_at_steps.count(step):
+        fired[step] += 1
         return loss * float("nan")
     return loss
 

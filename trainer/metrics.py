@@ -37,6 +37,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def all_ranks_sum(value: float) -> float:
+    """Sum over the data-parallel ranks (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t.item())
+
+
 def compute_mfu(tokens_per_s_per_worker: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOP utilisation: achieved model FLOP/s (fwd+bwd) over the peak of one worker."""
     return tokens_per_s_per_worker * flops_per_token / peak_flops if peak_flops > 0 else 0.0
@@ -101,6 +111,7 @@ class MetricsLogger:
             skipped_steps=state.skipped_steps,
             model_state_gib=self.model_state_gib,
             peak_rss_gib=peak_rss_gib(),
+            peak_rss_gib_total=all_ranks_sum(peak_rss_gib()),
         )
         if self.writer is not None:
             for k, v in out.items():

@@ -113,3 +113,30 @@ def test_digits_config_requires_out():
     with pytest.raises(ConfigError, match="missing required value 'out'"):
         load_config(DigitsConfig)
     assert load_config(DigitsConfig, None, ["out=/tmp/x"]).image_size == 32
+
+
+def test_presets_in_yaml_and_on_the_command_line(tmp_path):
+    from trainer.config import TrainConfig
+    from trainer.models.dalle import dalle_preset
+
+    p = tmp_path / "t.yaml"
+    p.write_text("name: x\ndalle:\n  preset: digits\n  depth: 3\n")
+    cfg = load_config(TrainConfig, p)
+    assert cfg.dalle == dalle_preset("digits", depth=3)  # explicit keys win over the preset
+    cfg = load_config(TrainConfig, p, ["dalle.depth=2", "dalle.preset=tiny"])
+    assert cfg.dalle == dalle_preset("tiny", depth=2)  # presets apply first, whatever the order
+    with pytest.raises(ConfigError, match=r"'dalle.preset': unknown DALL-E preset 'huge'"):
+        load_config(TrainConfig, p, ["dalle.preset=huge"])
+
+
+def test_shipped_configs_load():
+    """Every YAML under jobs/configs/ is valid for its job."""
+    from pathlib import Path
+
+    from trainer.config import TrainConfig
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("dalle_*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(TrainConfig, path)
+        assert cfg.dalle.seq_len > 0, path
