@@ -23,6 +23,10 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None, min_cpus: float
         return ray.get_runtime_context()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # Inside a submitted job: the job's runtime env (working dir, env vars) already applies,
+        # and Ray refuses a driver runtime env that repeats its keys.
+        return ray.init(address=address or "auto", log_to_driver=True)
     if address:
         return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(min_cpus))

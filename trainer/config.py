@@ -12,6 +12,7 @@ first line of the worker function; workers never read module globals.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,8 +118,8 @@ class EngineSection:
 class DataSection:
     """Where training batches come from: a token dataset (from `t2i tokenize`) or synthetic."""
 
-    source: Literal["tokens", "synthetic"] = "tokens"
-    path: str = ""  # token dataset dir or s3:// prefix (source=tokens)
+    source: Literal["tokens", "synthetic", "shards"] = "tokens"
+    path: str = ""  # token dataset (source=tokens) or WebDataset shards dir/glob (source=shards)
     batch_size: int = 8  # per worker, per micro-step
     synthetic_samples: int = 512  # rows per epoch (source=synthetic)
     shuffle_seed: int = 0  # per-epoch shuffle is seeded: every run sees the same order
@@ -136,12 +137,24 @@ class CheckpointSection:
 
 
 @dataclass
+class ClipModelSection:
+    """objective=clip: an open_clip model trained with open_clip's contrastive loss."""
+
+    model: str = "clip_digits_tiny"  # open_clip architecture: built-in name or model_config's stem
+    model_config: str = (
+        "jobs/configs/clip_digits_tiny.json"  # custom architecture JSON; "": built-in
+    )
+
+
+@dataclass
 class FaultSection:
     """Fault injection, for testing recovery (chaos drills): off by default."""
 
     kill_at_step: int = 0  # hard-kill one worker process right after this step; 0: never
     kill_marker: str = ""  # file that records the kill, so only the first attempt dies
-    nan_loss_at_steps: list[int] = field(default_factory=list)  # NaN loss at these steps (per listing)
+    nan_loss_at_steps: list[int] = field(
+        default_factory=list
+    )  # NaN loss at these steps (per listing)
 
 
 @dataclass
@@ -149,12 +162,13 @@ class TrainConfig:
     """`t2i train`: one engine, the objective picks model and loss."""
 
     name: str = REQUIRED  # run name: re-running the same name resumes it
-    objective: Literal["dalle"] = "dalle"
+    objective: Literal["dalle", "clip"] = "dalle"
     steps: int = 100  # optimizer steps in total
     seed: int = 0
     log_every: int = 10
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measure a bf16 matmul at start
     dalle: DalleConfig = field(default_factory=DalleConfig)  # objective=dalle: the transformer
+    clip: ClipModelSection = field(default_factory=ClipModelSection)  # objective=clip
     scaling: ScalingSection = field(default_factory=ScalingSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     engine: EngineSection = field(default_factory=EngineSection)
@@ -357,6 +371,9 @@ def to_yaml(cfg: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -455,6 +472,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)  # PyYAML reads "3e-4" (no dot) as a string; users mean a float
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -26,7 +25,15 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     if e.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
     if e.zero_stage == 3:
-        zero.update(sub_group_size=e.sub_group_size, stage3_gather_16bit_weights_on_model_save=True)
+        # Bound what is gathered at once (DeepSpeed's defaults keep up to 1e9 parameters live,
+        # i.e. a whole billion-parameter model), so memory per rank shrinks with the world size.
+        zero.update(
+            sub_group_size=e.sub_group_size,
+            stage3_max_live_parameters=e.sub_group_size,
+            stage3_max_reuse_distance=e.sub_group_size,
+            stage3_prefetch_bucket_size=e.sub_group_size // 10,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
     if e.offload_optimizer != "none":
         if e.zero_stage == 0:
             raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
@@ -113,6 +120,7 @@ def initialize(cfg: TrainConfig, build_model: Callable[[], nn.Module], world_siz
         model = build_model()
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model)
+    sync_scalar_params(model)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, cfg),
@@ -120,6 +128,20 @@ def initialize(cfg: TrainConfig, build_model: Callable[[], nn.Module], world_siz
         dist_init_required=False,  # Ray Train has already set up the process group
     )
     return engine, ds_config
+
+
+def sync_scalar_params(model: nn.Module) -> None:
+    """DeepSpeed 0.19 broadcasts parameters as byte views, which fails for 0-dim tensors (CLIP's
+    `logit_scale`). Broadcast those from rank 0 here and flag them so DeepSpeed skips them."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.dim() == 0 and not hasattr(p, "ds_id"):  # ZeRO-3 partitioned params are not ours
+            buf = p.data.reshape(1).clone()
+            if dist.is_initialized():
+                dist.broadcast(buf, src=0)
+            p.data.copy_(buf.reshape(()))
+            p.ds_optim_param = True  # DeepSpeed's own marker for "do not broadcast"
 
 
 def set_lr(engine, lr: float) -> None:
@@ -136,9 +158,12 @@ def local_params_finite(engine) -> bool:
     return True
 
 
-def default_torch_extensions_dir() -> None:
-    """DeepSpeed compiles a shm-comm op on first use (~40 s): cache it across runs."""
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR",
-        os.path.join(os.path.expanduser("~"), ".cache", "ray-t2i", "torch_extensions"),
-    )
+def export_module_state(engine) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (ZeRO-3 partitions gathered: all ranks must call), else None."""
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: gather (collective on all ranks)
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if engine.global_rank == 0 else None
+    if engine.global_rank != 0 or sd is None:
+        return None
+    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}

@@ -23,6 +23,7 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
             cfg.checkpoint, storage_path=fix(cfg.checkpoint.storage_path)
         ),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path)),
+        clip=dataclasses.replace(cfg.clip, model_config=fix(cfg.clip.model_config)),
     )
 
 

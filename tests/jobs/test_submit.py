@@ -30,7 +30,7 @@ def ray_head(tmp_path_factory):
     # --block keeps this node's processes tied to one Popen: stopping it stops only this cluster
     # (`ray stop` would also kill the session's shared local Ray instance).
     head = subprocess.Popen(
-        [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1",
+        [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
          "--disable-usage-stats", "--include-dashboard=true"],
         env=env, stdout=open(temp / "head.log", "wb"), stderr=subprocess.STDOUT,
@@ -67,6 +67,22 @@ def test_submit_runs_a_t2i_command_on_the_cluster(ray_head, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCEEDED" in r.stdout and "data: done" in r.stdout  # the job's own log, streamed
     assert (out / "manifest.json").exists()
+
+
+def test_submit_train_runs_on_the_cluster(ray_head, tmp_path):
+    """`t2i train` on a running cluster (not the test's local instance), through the Jobs API."""
+    address, env = ray_head
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("t2i")), "submit", "--address", address,
+         "--working-dir", str(REPO), "--", "train", "--config", "jobs/configs/dalle_tiny.yaml",
+         "name=submitted", f"checkpoint.storage_path={tmp_path}", "steps=2", "log_every=1",
+         "scaling.num_workers=1", "checkpoint.export_weights=false"],
+        env={**env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "DS_ACCELERATOR": "cpu"},
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "train: done" in r.stdout and "SUCCEEDED" in r.stdout
+    assert (tmp_path / "submitted" / "checkpoints" / "step_00000002" / "manifest.json").exists()
 
 
 def test_submit_needs_a_command_and_an_address(capsys):

@@ -38,11 +38,12 @@ def write(tmp_path, text):
 
 
 def test_yaml_and_overrides_build_typed_tree(tmp_path):
-    p = write(tmp_path, "name: run1\nsteps: 5\ninner:\n  lr: 2\n  mode: b\n")
+    p = write(tmp_path, "name: run1\nsteps: 5\ninner:\n  lr: 3e-4\n  mode: b\n")
     cfg = load_config(Outer, p, ["inner.betas=[0.5, 0.6]", "flag=true", "path=/x", "name=007"])
     assert cfg.name == "007"  # a str field keeps override text verbatim
     assert cfg.steps == 5 and cfg.flag is True and cfg.path == "/x"
-    assert cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.lr == 3e-4 and isinstance(cfg.inner.lr, float)  # YAML 1.1 reads 3e-4 as str
+    assert load_config(Outer, None, ["name=x", "inner.lr=1e-2"]).inner.lr == 0.01
     assert cfg.inner.betas == [0.5, 0.6] and cfg.inner.mode == "b"
 
 

@@ -12,6 +12,7 @@ from data_pipeline.token_dataset import (
     synthetic_token_dataset,
 )
 from trainer.config import TrainConfig
+from trainer.engine import export_module_state
 from trainer.models.dalle import DalleTransformer, compute_dalle_loss
 
 
@@ -75,13 +76,3 @@ class DalleObjective:
     def export_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights on rank 0 (gathered from ZeRO-3 partitions), None elsewhere."""
         return export_module_state(engine)
-
-
-def export_module_state(engine) -> dict[str, torch.Tensor] | None:
-    if engine.zero_optimization_partition_weights():  # ZeRO-3: gather (collective on all ranks)
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = engine.module.state_dict() if engine.global_rank == 0 else None
-    if engine.global_rank != 0 or sd is None:
-        return None
-    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
