@@ -124,6 +124,7 @@ class DataSection:
     synthetic_samples: int = 512  # rows per epoch (source=synthetic)
     shuffle_seed: int = 0  # per-epoch shuffle is seeded: every run sees the same order
     local_shuffle_buffer: int = 0  # rows; 0 keeps the dataset order
+    cache: bool = False  # materialize once in the object store (small datasets: no re-read per epoch)
 
 
 @dataclass

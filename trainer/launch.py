@@ -40,6 +40,11 @@ def build_trainer(cfg: TrainConfig):
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     dataset = build_objective(cfg).dataset()
+    if cfg.data.cache:
+        from ray.data import DataContext
+
+        DataContext.get_current().execution_options.preserve_order = True  # same order every run
+        dataset = dataset.materialize()
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
