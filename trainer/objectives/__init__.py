@@ -23,7 +23,13 @@ def _dalle(cfg: TrainConfig):
     return DalleObjective(cfg)
 
 
-OBJECTIVES: dict[str, Callable] = {"dalle": _dalle}
+def _clip(cfg: TrainConfig):
+    from trainer.objectives.clip import ClipObjective
+
+    return ClipObjective(cfg)
+
+
+OBJECTIVES: dict[str, Callable] = {"dalle": _dalle, "clip": _clip}
 
 
 def build_objective(cfg: TrainConfig):
