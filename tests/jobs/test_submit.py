@@ -32,6 +32,9 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+         # Its own agent ports: the session's local Ray instance already holds the defaults.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
          "--disable-usage-stats", "--include-dashboard=true"],
         env=env, stdout=open(temp / "head.log", "wb"), stderr=subprocess.STDOUT,
     )
