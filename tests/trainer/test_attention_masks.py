@@ -17,16 +17,9 @@ from trainer.models.attention import (
     build_attention_mask,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPES = [(3, 4, 3), (5, 5, 5), (2, 3, 1), (4, 6, 3)]  # (text_len, grid, conv_kernel)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread; OpenMP spin-waits are slow on busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def brute_force_mask(kind: str, text_len: int, grid: int, kernel: int) -> torch.Tensor:

@@ -22,12 +22,23 @@ def test_clip_trains_on_digits_and_loads_in_open_clip(ray_local, tmp_path):
     from trainer.objectives.clip import open_clip_arch
 
     build_digits(DigitsConfig(out=str(tmp_path / "digits"), photos=0), log=lambda *_: None)
-    cfg = load_config(TrainConfig, REPO / "jobs/configs/clip_digits.yaml", [
-        "name=clip", f"checkpoint.storage_path={tmp_path}", f"data.path={tmp_path}/digits/train",
-        "steps=24", "log_every=6", "checkpoint.every_steps=6", "data.batch_size=32",
-        "optimizer.lr=2e-3", "optimizer.warmup_steps=2", "failure_max_retries=0",
-        f"clip.model_config={REPO}/jobs/configs/clip_digits_tiny.json",
-    ])
+    cfg = load_config(
+        TrainConfig,
+        REPO / "jobs/configs/clip_digits.yaml",
+        [
+            "name=clip",
+            f"checkpoint.storage_path={tmp_path}",
+            f"data.path={tmp_path}/digits/train",
+            "steps=24",
+            "log_every=6",
+            "checkpoint.every_steps=6",
+            "data.batch_size=32",
+            "optimizer.lr=2e-3",
+            "optimizer.warmup_steps=2",
+            "failure_max_retries=0",
+            f"clip.model_config={REPO}/jobs/configs/clip_digits_tiny.json",
+        ],
+    )
     result = fit(cfg)
     assert result.error is None
     curve = [m["loss"] for _, m in sorted(result.best_checkpoints, key=lambda t: t[1]["step"])]

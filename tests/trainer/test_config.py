@@ -136,7 +136,9 @@ def test_shipped_configs_load():
 
     from trainer.config import TrainConfig
 
-    configs = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("dalle_*.yaml"))
+    configs = sorted(
+        (Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("dalle_*.yaml")
+    )
     assert len(configs) >= 5
     for path in configs:
         cfg = load_config(TrainConfig, path)

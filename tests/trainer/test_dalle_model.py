@@ -18,16 +18,9 @@ from trainer.models.dalle import (
     dalle_preset,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PATTERNS = ["full", "dalle", "row", "col", "conv"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread; OpenMP spin-waits are slow on busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**overrides) -> DalleConfig:
