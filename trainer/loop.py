@@ -59,7 +59,9 @@ def train_loop_per_worker(config: dict) -> None:
     micro_in_step = 0
     nan_fired: Counter = Counter()
     while state.step < cfg.steps:
+        seen_in_pass = 0
         for batch in iter_epoch(shard, cfg, state):
+            seen_in_pass += 1
             state.batches_in_epoch += 1
             loss, metrics = objective.loss(engine, batch)
             loss = nan_hook(cfg, loss, state.step, nan_fired)
@@ -117,6 +119,11 @@ def train_loop_per_worker(config: dict) -> None:
             if last:
                 break
         else:
+            if seen_in_pass == 0 and state.batches_in_epoch == 0:
+                raise ValueError(
+                    f"the dataset gives rank {rank} no full batch of data.batch_size="
+                    f"{cfg.data.batch_size}: it needs at least batch_size x workers rows"
+                )
             state.epoch += 1
             state.batches_in_epoch = 0
     logger.close()
