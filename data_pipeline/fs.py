@@ -128,5 +128,12 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
         f.write(data)
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()

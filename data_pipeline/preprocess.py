@@ -189,19 +189,11 @@ def result_config(cfg: PreprocessConfig) -> dict:
     return d
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_plan(ctx: _Ctx) -> dict:
     """Record (or check, on a rerun) what this output directory is being built from."""
     plan = {"inputs": ctx.shards, "config": result_config(ctx.cfg)}
     if ctx.cfg.clip.enabled and ctx.cfg.clip.checkpoint:
-        plan["clip_checkpoint_sha256"] = _file_sha256(ctx.cfg.clip.checkpoint)
+        plan["clip_checkpoint_sha256"] = fs.file_digest(ctx.cfg.clip.checkpoint)[1]
     loc = ctx.out.join(WORK_DIR, "plan.json")
     data = json.dumps(plan, indent=2, sort_keys=True).encode()
     if fs.exists(loc):

@@ -56,16 +56,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def file_digest(path: str) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
 def local_files(root: str) -> list[str]:
     """Relative paths of all files under `root`, sorted."""
     out = []
@@ -79,7 +69,7 @@ def upload_dir(local_root: str, dest: fs.Location) -> dict[str, dict]:
     entries = {}
     for rel in local_files(local_root):
         src = os.path.join(local_root, rel)
-        size, digest = file_digest(src)
+        size, digest = fs.file_digest(src)
         with open(src, "rb") as f, fs.open_output_atomic(dest.join(rel)) as out:
             shutil.copyfileobj(f, out, 1 << 22)
         entries[rel] = {"bytes": size, "sha256": digest}
