@@ -22,6 +22,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from trainer.models.dalle import DalleConfig, dalle_preset
+from trainer.models.dvae import DvaeConfig
+from trainer.models.klae import KlaeConfig
+from trainer.models.vqgan import VqganConfig
 
 T = TypeVar("T")
 
@@ -124,7 +127,8 @@ class DataSection:
     synthetic_samples: int = 512  # rows per epoch (source=synthetic)
     shuffle_seed: int = 0  # per-epoch shuffle is seeded: every run sees the same order
     local_shuffle_buffer: int = 0  # rows; 0 keeps the dataset order
-    cache: bool = False  # materialize once in the object store (small datasets: no re-read per epoch)
+    # Materialize once in the object store (small datasets: no re-read per epoch).
+    cache: bool = False
 
 
 @dataclass
@@ -135,6 +139,7 @@ class CheckpointSection:
     every_steps: int = 100  # 0: only at the end
     keep: int = 3  # complete checkpoints kept (older ones deleted); 0 keeps all
     export_weights: bool = True  # also write consolidated model.safetensors at the end
+    at_end: bool = True  # checkpoint the last step (False: benchmarks that only measure steps)
 
 
 @dataclass
@@ -163,13 +168,16 @@ class TrainConfig:
     """`t2i train`: one engine, the objective picks model and loss."""
 
     name: str = REQUIRED  # run name: re-running the same name resumes it
-    objective: Literal["dalle", "clip"] = "dalle"
+    objective: Literal["dalle", "clip", "dvae", "vqgan", "klae"] = "dalle"
     steps: int = 100  # optimizer steps in total
     seed: int = 0
     log_every: int = 10
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measure a bf16 matmul at start
     dalle: DalleConfig = field(default_factory=DalleConfig)  # objective=dalle: the transformer
     clip: ClipModelSection = field(default_factory=ClipModelSection)  # objective=clip
+    dvae: DvaeConfig = field(default_factory=DvaeConfig)  # objective=dvae: DALL-E's discrete VAE
+    vqgan: VqganConfig = field(default_factory=VqganConfig)  # objective=vqgan
+    klae: KlaeConfig = field(default_factory=KlaeConfig)  # objective=klae: latent-diffusion AE
     scaling: ScalingSection = field(default_factory=ScalingSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     engine: EngineSection = field(default_factory=EngineSection)

@@ -100,8 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
             state.samples_seen += cfg.data.batch_size * cfg.engine.grad_accum_steps * world
             last = state.step >= cfg.steps
             every = cfg.checkpoint.every_steps
-            ckpt_step = last or bool(every and state.step % every == 0)
-            metrics = logger.step(engine, state, force=ckpt_step)
+            ckpt_step = (last and cfg.checkpoint.at_end) or bool(every and state.step % every == 0)
+            metrics = logger.step(engine, state, force=ckpt_step or last)
             checkpoint = (
                 save(engine, cfg, run, state, rank, world, objective, export=last)
                 if ckpt_step

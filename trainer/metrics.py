@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -118,6 +119,8 @@ class MetricsLogger:
                 if k not in ("step", "epoch"):
                     self.writer.add_scalar(f"train/{k}", v, state.step)
             self.writer.flush()
+            with open(os.path.join(self.tensorboard_dir(), "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(out) + "\n")  # the same rows, for scripts (no TB reader)
             print("[t2i] " + " ".join(f"{k}={_fmt(v)}" for k, v in out.items()), flush=True)
         self.sums, self.micro, self.tokens, self.t0 = {}, 0, 0, time.perf_counter()
         return out

@@ -29,7 +29,31 @@ def _clip(cfg: TrainConfig):
     return ClipObjective(cfg)
 
 
-OBJECTIVES: dict[str, Callable] = {"dalle": _dalle, "clip": _clip}
+def _dvae(cfg: TrainConfig):
+    from trainer.objectives.dvae import DvaeObjective
+
+    return DvaeObjective(cfg)
+
+
+def _vqgan(cfg: TrainConfig):
+    from trainer.objectives.vqgan import VqganObjective
+
+    return VqganObjective(cfg)
+
+
+def _klae(cfg: TrainConfig):
+    from trainer.objectives.klae import KlaeObjective
+
+    return KlaeObjective(cfg)
+
+
+OBJECTIVES: dict[str, Callable] = {
+    "dalle": _dalle,
+    "clip": _clip,
+    "dvae": _dvae,
+    "vqgan": _vqgan,
+    "klae": _klae,
+}
 
 
 def build_objective(cfg: TrainConfig):

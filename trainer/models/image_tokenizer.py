@@ -1,0 +1,141 @@
+"""One loading API for every image tokenizer: dVAE and VQGAN (discrete codes), KL-AE (latents).
+
+    tok = load_image_tokenizer("runs/demo/train/dvae-digits")   # a run, a checkpoint, or a
+    codes = tok.encode(images)                                 # `t2i convert` output directory
+    recon = tok.decode(codes)
+
+Images are float32 tensors (B, 3, H, W) in [0, 1] (H and W multiples of `tok.downsample`).
+Discrete tokenizers return int64 codes (B, H/f, W/f) in [0, vocab_size); the KL autoencoder returns
+latents (B, C, H/f, W/f) already multiplied by its `scaling_factor` (so they have ~unit variance,
+as latent diffusion expects) and `decode` undoes that scaling.
+
+A tokenizer directory holds `model.safetensors` (the model's own state dict) and `config.yaml` (a
+`t2i train` config whose `objective` names the kind and whose section of that name is its shape).
+Every exported `t2i train` checkpoint is such a directory, and so is what `t2i convert` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from data_pipeline import fs
+from trainer.config import StorageConfig, TrainConfig, load_config
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+class ImageTokenizer(nn.Module):
+    """Base of the image tokenizers: `encode` images in [0, 1], `decode` back to [0, 1]."""
+
+    kind: str = ""  # "dvae" | "vqgan" | "klae" (the training objective's name)
+    discrete: bool = True  # codes (dVAE, VQGAN) or continuous latents (KL-AE)
+    downsample: int = 8  # image side / code-grid side
+    vocab_size: int = 0  # discrete: codebook size K
+    latent_channels: int = 0  # continuous: C of the latents
+    scaling_factor: float = 1.0  # continuous: latents are multiplied by it after encoding
+    fingerprint: str = ""  # sha256 of the weights file it was loaded from
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grid(self, image_size: int) -> int:
+        """Side of the code grid (or latent) for square images of `image_size`."""
+        if image_size % self.downsample:
+            raise ValueError(
+                f"image size {image_size} is not a multiple of the {self.kind} "
+                f"downsampling factor {self.downsample}"
+            )
+        return image_size // self.downsample
+
+    def describe(self) -> dict:
+        """What a dataset manifest records about the tokenizer that produced it."""
+        out = {"kind": self.kind, "fingerprint": self.fingerprint, "downsample": self.downsample}
+        if self.discrete:
+            out["vocab_size"] = self.vocab_size
+        else:
+            out.update(latent_channels=self.latent_channels, scaling_factor=self.scaling_factor)
+        return out
+
+
+def _dvae(cfg: TrainConfig, state: dict) -> ImageTokenizer:
+    from trainer.models.dvae import DvaeTokenizer
+
+    return DvaeTokenizer.from_state(cfg.dvae, state)
+
+
+def _vqgan(cfg: TrainConfig, state: dict) -> ImageTokenizer:
+    from trainer.models.vqgan import VqganTokenizer
+
+    return VqganTokenizer.from_state(cfg.vqgan, state)
+
+
+def _klae(cfg: TrainConfig, state: dict) -> ImageTokenizer:
+    from trainer.models.klae import KlaeTokenizer
+
+    return KlaeTokenizer.from_state(cfg.klae, state)
+
+
+# objective name -> builder(config, state dict) -> tokenizer (strict loading inside each builder)
+BUILDERS: dict[str, Callable[[TrainConfig, dict], ImageTokenizer]] = {
+    "dvae": _dvae,
+    "vqgan": _vqgan,
+    "klae": _klae,
+}
+
+
+def _tokenizer_dir(loc: fs.Location) -> fs.Location:
+    """`loc` itself when it holds weights + config; else the newest complete checkpoint of the run
+    at `loc` that has exported weights."""
+    if fs.exists(loc.join(WEIGHTS)) and fs.exists(loc.join(CONFIG)):
+        return loc
+    from trainer.checkpoint import list_complete
+
+    for _, ckpt in list_complete(loc):
+        if fs.exists(ckpt.join(WEIGHTS)):
+            return ckpt
+    raise FileNotFoundError(
+        f"{loc.uri}: no image tokenizer here: expected {WEIGHTS} + {CONFIG} (a `t2i convert` "
+        f"output or an exported checkpoint) or a `t2i train` run with a complete checkpoint "
+        f"holding {WEIGHTS}"
+    )
+
+
+def load_image_tokenizer(
+    path: str, *, storage: StorageConfig | None = None, device: str | torch.device = "cpu"
+) -> ImageTokenizer:
+    """Load a dVAE, VQGAN or KL-AE from a local or s3:// directory (see the module docstring).
+
+    Weights load with safetensors (no pickle) and `strict=True`; the tokenizer is in eval mode.
+    """
+    from safetensors.torch import load_file
+
+    storage = storage or StorageConfig()
+    src = _tokenizer_dir(fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region))
+    tmp = tempfile.mkdtemp(prefix="t2i-tokenizer-")
+    try:
+        for name in (WEIGHTS, CONFIG):
+            with open(os.path.join(tmp, name), "wb") as out:
+                out.write(fs.read_bytes(src.join(name)))
+        cfg = load_config(TrainConfig, os.path.join(tmp, CONFIG), require=False)
+        if cfg.objective not in BUILDERS:
+            raise ValueError(
+                f"{src.join(CONFIG).uri}: objective {cfg.objective!r} is not an image tokenizer "
+                f"(expected one of {', '.join(BUILDERS)})"
+            )
+        state = load_file(os.path.join(tmp, WEIGHTS))
+        _, digest = fs.file_digest(os.path.join(tmp, WEIGHTS))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tok = BUILDERS[cfg.objective](cfg, state)
+    tok.fingerprint = digest
+    return tok.to(device).eval()
