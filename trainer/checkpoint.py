@@ -3,7 +3,9 @@
 Layout (local dir or s3://), one directory per step:
 
     <storage_path>/<run>/checkpoints/step_00000100/
-        ds/state/...                DeepSpeed engine state (every rank's ZeRO shards)
+        ds/state/...                DeepSpeed engine state (every rank's ZeRO shards): model
+                                    weights + optimizer of the part "model"
+        ds_<part>/state/...         the same for each extra part (a GAN's discriminator)
         rng_rank00000.safetensors   each rank's torch RNG state
         train_state.json            step, data position (epoch, batches consumed), counters
         config.yaml                 the resolved TrainConfig
@@ -50,6 +52,12 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches this rank consumed in `epoch`
     skipped_steps: int = 0  # non-finite steps skipped so far
     samples_seen: int = 0  # all ranks
+
+
+def ds_dir(part: str) -> str:
+    """Directory of one part's DeepSpeed state. The part "model" keeps `ds/`, the layout of every
+    single-part run (and what DeepSpeed's zero_to_fp32 is pointed at); extra parts sit beside it."""
+    return "ds" if part == "model" else f"ds_{part}"
 
 
 def step_dir_name(step: int) -> str:
@@ -167,3 +175,20 @@ def staging_dir(prefix: str) -> str:
 
 def state_to_json(state: TrainState) -> bytes:
     return json.dumps(asdict(state), indent=2).encode()
+
+
+def find_exported(loc: fs.Location, *, weights: str, config: str, what: str) -> fs.Location:
+    """`loc` itself when it holds `weights` + `config` (an exported checkpoint or a `t2i convert`
+    output); else the newest complete checkpoint of the `t2i train` run at `loc` holding both.
+
+    `what` names the artifact in the error ("image tokenizer", "DALL-E model").
+    """
+    if fs.exists(loc.join(weights)) and fs.exists(loc.join(config)):
+        return loc
+    for _, ckpt in list_complete(loc):
+        if fs.exists(ckpt.join(weights)) and fs.exists(ckpt.join(config)):
+            return ckpt
+    raise FileNotFoundError(
+        f"{loc.uri}: no {what} here: expected {weights} + {config} (an exported checkpoint or a "
+        f"`t2i convert` output) or a `t2i train` run with a complete checkpoint holding {weights}"
+    )

@@ -1,8 +1,26 @@
-"""The engine: the one place that turns a typed config into a DeepSpeed-wrapped model.
+"""The engine: the one place that turns a typed config into DeepSpeed-wrapped models.
 
 Order of application (like torchtitan's `parallelize.py`): build the single-device model
 (partitioned at construction under ZeRO-3), apply activation checkpointing to each block, then
 `deepspeed.initialize` with a config generated here — no script writes its own DeepSpeed dict.
+
+Parts. An objective trains one module (`build_model()`, the part named "model") or several, each
+with its own optimizer: it declares `parts = ("model", "discriminator")` and `build_parts()`, and
+may give a part its own optimizer settings with `optimizer_section(part)`. Each part becomes its
+own DeepSpeed engine (its own ZeRO partitioning, optimizer, gradient clipping and checkpoint
+state), and the loop updates the parts in order on every micro-batch, with `trains_only(part)`
+freezing the others during that part's forward (as Lightning's `toggle_optimizer` does), so a
+generator loss that runs the discriminator puts no gradient on it. Why engines per part rather
+than one engine with two parameter groups: a single DeepSpeed optimizer steps all of its groups
+together and clips them by one global norm, while a GAN needs two losses, two backward passes and
+independently clipped, independently skippable updates; DeepSpeed engines are cheap to have
+several of, and their save/load already covers model + optimizer state per engine.
+
+Two rules for multi-part objectives, found with DeepSpeed 0.19: (1) any autograd pass that
+reaches an engine's parameters, `torch.autograd.grad(loss, param)` included, fires that engine's
+ZeRO gradient hooks and reduction epilogue, so an objective that needs such gradients (taming's
+adaptive GAN weight) stops its pass before the parameters (`compute_conv_weight_grads`); (2) a
+part run inside another part's loss is called as `engines[part].module`, not through its engine.
 """
 
 from __future__ import annotations
@@ -15,12 +33,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.config import TrainConfig
+from trainer.config import OptimizerSection, TrainConfig
+
+MODEL = "model"  # the part of a single-module objective (and the first part of a multi-part one)
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """DeepSpeed's JSON config from the typed config. LR scheduling is ours (`compute_lr`)."""
-    e, o = cfg.engine, cfg.optimizer
+def build_deepspeed_config(
+    cfg: TrainConfig, world_size: int, optimizer: OptimizerSection | None = None
+) -> dict:
+    """DeepSpeed's JSON config from the typed config. LR scheduling is ours (`compute_lr`).
+    `optimizer`: a part's own settings (its gradient clipping); default `cfg.optimizer`."""
+    e, o = cfg.engine, optimizer or cfg.optimizer
     zero: dict = {"stage": e.zero_stage}
     if e.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
@@ -80,8 +103,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    o = cfg.optimizer
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, optimizer: OptimizerSection | None = None
+) -> torch.optim.Optimizer:
+    o = optimizer or cfg.optimizer
     groups = param_groups(model, o.weight_decay)
     if cfg.engine.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -120,14 +145,106 @@ def initialize(cfg: TrainConfig, build_model: Callable[[], nn.Module], world_siz
         model = build_model()
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model)
+    return wrap(cfg, model, ds_config), ds_config
+
+
+def wrap(
+    cfg: TrainConfig, model: nn.Module, ds_config: dict, optimizer: OptimizerSection | None = None
+):
+    """`deepspeed.initialize` one built module with its own optimizer."""
+    import deepspeed
+
     sync_scalar_params(model)
     engine, *_ = deepspeed.initialize(
         model=model,
-        optimizer=build_optimizer(model, cfg),
+        optimizer=build_optimizer(model, cfg, optimizer),
         config=ds_config,
         dist_init_required=False,  # Ray Train has already set up the process group
     )
-    return engine, ds_config
+    return engine
+
+
+def objective_parts(objective) -> tuple[str, ...]:
+    """The parts an objective trains, in update order: `("model",)` unless it declares more."""
+    parts = tuple(getattr(objective, "parts", (MODEL,)))
+    if not parts or len(set(parts)) != len(parts):
+        raise ValueError(f"objective {objective.name!r}: parts must be distinct names, got {parts}")
+    return parts
+
+
+def part_optimizer(cfg: TrainConfig, objective, part: str) -> OptimizerSection:
+    """A part's optimizer settings: the objective's `optimizer_section(part)` if it has one."""
+    section = getattr(objective, "optimizer_section", None)
+    return section(part) if section is not None else cfg.optimizer
+
+
+def initialize_parts(cfg: TrainConfig, objective, world_size: int) -> dict[str, object]:
+    """One DeepSpeed engine per part of `objective`, in update order (see the module docstring).
+
+    A single-part objective goes through `initialize` unchanged (ZeRO-3 and zero.Init included);
+    several parts need `engine.zero_stage <= 2`: freezing a part with `requires_grad` and running
+    one engine's module inside another's forward are not supported on ZeRO-3 partitions."""
+    import deepspeed
+
+    parts = objective_parts(objective)
+    if len(parts) == 1:
+        engine, _ = initialize(cfg, objective.build_model, world_size)
+        return {parts[0]: engine}
+    if cfg.engine.zero_stage == 3:
+        raise ValueError(
+            f"objective={cfg.objective} trains {len(parts)} parts ({', '.join(parts)}) with an "
+            f"optimizer each, which needs engine.zero_stage <= 2 (got 3)"
+        )
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    modules = objective.build_parts()
+    if list(modules) != list(parts):
+        raise ValueError(
+            f"objective {objective.name!r}: build_parts() returned {list(modules)}, "
+            f"its parts are {list(parts)}"
+        )
+    if cfg.engine.activation_checkpointing:
+        with_blocks = [m for m in modules.values() if hasattr(m, "blocks")]
+        if not with_blocks:
+            raise ValueError(f"objective={cfg.objective}: no part has `blocks` to checkpoint")
+        for m in with_blocks:
+            apply_activation_checkpointing(m)
+    engines = {}
+    for part, module in modules.items():
+        o = part_optimizer(cfg, objective, part)
+        engines[part] = wrap(cfg, module, build_deepspeed_config(cfg, world_size, o), o)
+    return engines
+
+
+@contextlib.contextmanager
+def trains_only(engines: dict, part: str):
+    """Within the block, only `part`'s parameters require grad (Lightning's `toggle_optimizer`):
+    a loss that also runs another part (the generator loss through the discriminator) records
+    no gradient path to that part's parameters. A no-op with one part."""
+    frozen = [
+        p
+        for name, engine in engines.items()
+        if name != part
+        for p in engine.module.parameters()
+        if p.requires_grad
+    ]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def set_full_param(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Overwrite a parameter everywhere the engine keeps it: the optimizer's fp32 master copy
+    (ZeRO-1/2 partitions, bf16 optimizer) and the module's working copy. Every rank must call it
+    with the same value (e.g. dead-code restarts of a codebook)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value.float())
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
 
 
 def sync_scalar_params(model: nn.Module) -> None:

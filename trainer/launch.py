@@ -24,6 +24,11 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
         ),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path)),
         clip=dataclasses.replace(cfg.clip, model_config=fix(cfg.clip.model_config)),
+        vqgan=dataclasses.replace(
+            cfg.vqgan,
+            perceptual_weights=fix(cfg.vqgan.perceptual_weights),
+            init_from=fix(cfg.vqgan.init_from),
+        ),
     )
 
 
@@ -41,9 +46,10 @@ def build_trainer(cfg: TrainConfig):
     ingest.preserve_order = True
     dataset = build_objective(cfg).dataset()
     if cfg.data.cache:
-        from ray.data import DataContext
-
-        DataContext.get_current().execution_options.preserve_order = True  # same order every run
+        # Same order in every run (exact resume across `t2i train` invocations): the dataset
+        # executes with its own copy of the DataContext, taken when it was built, so the flag
+        # goes there (setting it on `DataContext.get_current()` now would not reach it).
+        dataset.context.execution_options.preserve_order = True
         dataset = dataset.materialize()
     s = cfg.scaling
     return TorchTrainer(

@@ -1,9 +1,10 @@
 """The one training loop, run by every Ray Train worker, for every objective.
 
     cfg      <- TrainConfig rebuilt from the dict Ray passed (never a module global)
-    engine   <- trainer.engine.initialize(objective.build_model)
-    resume   <- newest COMPLETE checkpoint under <storage>/<name>, if any
-    loop     :  batch -> objective.loss(model, batch) -> guard -> backward -> step -> report
+    engines  <- trainer.engine.initialize_parts(objective): {"model": engine} or one per part
+    resume   <- newest COMPLETE checkpoint under <storage>/<name>, if any (every part)
+    loop     :  batch -> on_step(step) -> loss of each part -> guard -> per part: backward, step
+                -> report (+ log_images) ; one code path: ordinary objectives have one part
                 every N steps: checkpoint (all ranks upload, rank 0 writes the manifest last)
 
 Exactly-once data: the dataset order is deterministic (Ray Data `preserve_order`, seeded
@@ -24,7 +25,13 @@ import torch.distributed as dist
 from data_pipeline import fs
 from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig, from_dict, to_yaml
-from trainer.engine import initialize, local_params_finite, set_lr
+from trainer.engine import (
+    initialize_parts,
+    local_params_finite,
+    part_optimizer,
+    set_lr,
+    trains_only,
+)
 from trainer.metrics import MetricsLogger, current_rss_gib, measure_peak_flops
 from trainer.objectives import build_objective
 from trainer.schedules import compute_lr
@@ -46,9 +53,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     objective = build_objective(cfg)
     rss_before_init = current_rss_gib()
-    engine, _ = initialize(cfg, objective.build_model, world)
+    engines = initialize_parts(cfg, objective, world)
+    parts = list(engines)
+    optimizers = {p: part_optimizer(cfg, objective, p) for p in parts}
     run = run_location(cfg)
-    state = resume(engine, run, rank)
+    state = resume(engines, run, rank)
     torch.manual_seed(cfg.seed * 1000 + rank + 1 + state.step)  # dropout etc.: per rank, per resume
 
     shard = ray.train.get_dataset_shard("train")
@@ -58,38 +67,45 @@ def train_loop_per_worker(config: dict) -> None:
     bad_in_a_row = 0
     micro_in_step = 0
     nan_fired: Counter = Counter()
+    on_step = getattr(objective, "on_step", None)
     while state.step < cfg.steps:
         seen_in_pass = 0
         for batch in iter_epoch(shard, cfg, state):
             seen_in_pass += 1
             state.batches_in_epoch += 1
-            loss, metrics = objective.loss(engine, batch)
-            loss = nan_hook(cfg, loss, state.step, nan_fired)
-            if not all_ranks_finite(loss):
+            if on_step is not None:
+                on_step(state.step)  # schedules (Gumbel tau, KL warm-up, discriminator start)
+            active = active_parts(objective, parts, state.step)
+            losses, metrics = compute_losses(objective, engines, batch, active)
+            losses[parts[0]] = nan_hook(cfg, losses[parts[0]], state.step, nan_fired)
+            if not all_ranks_finite(torch.stack([v.detach().float() for v in losses.values()])):
                 # Skip on every rank together: a partial backward would desync the collectives.
                 state.skipped_steps += 1
                 bad_in_a_row += 1
                 logger.skipped(state, "non-finite loss")
                 check_bad_steps(bad_in_a_row, cfg)
                 continue
-            set_lr(
-                engine,
-                compute_lr(
-                    state.step,
-                    lr=cfg.optimizer.lr,
-                    warmup_steps=cfg.optimizer.warmup_steps,
-                    total_steps=cfg.steps,
-                    min_lr_ratio=cfg.optimizer.min_lr_ratio,
-                ),
-            )
-            engine.backward(loss)
-            engine.step()
+            for part in active:  # in order: e.g. the generator, then the discriminator
+                o = optimizers[part]
+                set_lr(
+                    engines[part],
+                    compute_lr(
+                        state.step,
+                        lr=o.lr,
+                        warmup_steps=o.warmup_steps,
+                        total_steps=cfg.steps,
+                        min_lr_ratio=o.min_lr_ratio,
+                    ),
+                )
+                engines[part].backward(losses[part])
+                engines[part].step()
             micro_in_step += 1
-            logger.accumulate(loss, metrics, batch)
+            logger.accumulate(losses[parts[0]], metrics, batch)
             if micro_in_step < cfg.engine.grad_accum_steps:
                 continue
             micro_in_step = 0
-            if not engine.was_step_applied():  # DeepSpeed found non-finite gradients (bf16/fp16)
+            # DeepSpeed found non-finite gradients (bf16/fp16) in some part: not a step.
+            if not all(engines[p].was_step_applied() for p in active):
                 state.skipped_steps += 1
                 bad_in_a_row += 1
                 logger.skipped(state, "non-finite gradients")
@@ -101,9 +117,11 @@ def train_loop_per_worker(config: dict) -> None:
             last = state.step >= cfg.steps
             every = cfg.checkpoint.every_steps
             ckpt_step = (last and cfg.checkpoint.at_end) or bool(every and state.step % every == 0)
-            metrics = logger.step(engine, state, force=ckpt_step or last)
+            metrics = logger.step(engines, state, force=ckpt_step or last)
+            if metrics is not None:
+                log_images(objective, engines, batch, logger, state.step)
             checkpoint = (
-                save(engine, cfg, run, state, rank, world, objective, export=last)
+                save(engines, cfg, run, state, rank, world, objective, export=last)
                 if ckpt_step
                 else None
             )
@@ -137,6 +155,73 @@ def run_location(cfg: TrainConfig) -> fs.Location:
     storage = ray.train.get_context().get_storage()
     uri = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.name}"
     return fs.Location(storage.storage_filesystem, storage.experiment_fs_path, uri)
+
+
+def objective_engines(engines: dict):
+    """What an objective's methods get: its one engine (single-part objectives, the original
+    API), or the dict of engines by part name (multi-part objectives)."""
+    return next(iter(engines.values())) if len(engines) == 1 else engines
+
+
+def active_parts(objective, parts: list[str], step: int) -> list[str]:
+    """The parts updated at optimizer step `step`: all, unless the objective's optional
+    `active_parts(step)` says fewer (a discriminator before its start step). The first part
+    always trains. A function of the step only, so every rank agrees."""
+    hook = getattr(objective, "active_parts", None)
+    if hook is None:
+        return parts
+    active = [p for p in parts if p in set(hook(step))]
+    if not active or active[0] != parts[0]:
+        raise ValueError(
+            f"objective {objective.name!r}: active_parts({step}) must include {parts[0]!r}"
+        )
+    return active
+
+
+def compute_losses(objective, engines: dict, batch, active: list[str]):
+    """Each active part's loss, its forward run under `trains_only(part)`, and the merged metrics.
+    Single-part objectives: `loss(engine, batch)`; multi-part: `loss(engines, batch, part)`, and
+    each extra part's loss is also reported as `loss_<part>`.
+
+    Every loss is computed before any part steps: one finiteness check then covers the whole
+    micro-batch, so all parts skip together and their DeepSpeed micro-step counters stay aligned
+    under gradient accumulation. (A GAN's discriminator therefore sees the reconstruction from
+    before the generator's step, the usual detached fake; taming recomputes it after the step.)"""
+    losses, metrics = {}, {}
+    view = objective_engines(engines)
+    for i, part in enumerate(active):
+        with trains_only(engines, part):
+            if len(engines) == 1:
+                loss, m = objective.loss(view, batch)
+            else:
+                loss, m = objective.loss(view, batch, part)
+        losses[part] = loss
+        metrics.update(m)
+        if i:
+            metrics[f"loss_{part}"] = loss.detach()
+    return losses, metrics
+
+
+def log_images(objective, engines: dict, batch, logger: MetricsLogger, step: int) -> None:
+    """Optional objective hook `log_images(engine, batch) -> {name: uint8 (H, W, 3)}` at log steps.
+
+    Every rank runs it (under ZeRO-3 a forward pass is a collective); rank 0 writes the PNGs and
+    TensorBoard images. The model is in eval mode under no_grad, and the RNG is forked so that
+    logging images never changes the training trajectory (resume stays bit-exact).
+    """
+    hook = getattr(objective, "log_images", None)
+    if hook is None:
+        return
+    for engine in engines.values():
+        engine.eval()
+    try:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            images = hook(objective_engines(engines), batch)
+    finally:
+        for engine in engines.values():
+            engine.train()
+    logger.images(images, step)
 
 
 def kill_hook(cfg: TrainConfig, step: int, rank: int) -> None:
@@ -192,8 +277,9 @@ def check_bad_steps(bad_in_a_row: int, cfg: TrainConfig) -> None:
         )
 
 
-def resume(engine, run: fs.Location, rank: int) -> ckpt_io.TrainState:
-    """Load the newest complete checkpoint of `run` into `engine`; fresh state if none."""
+def resume(engines: dict, run: fs.Location, rank: int) -> ckpt_io.TrainState:
+    """Load the newest complete checkpoint of `run` into every part's engine (model and optimizer
+    state); fresh state if none."""
     for step, loc in ckpt_io.list_complete(run):
         local = ckpt_io.staging_dir(f"load-r{rank}")
         try:
@@ -202,12 +288,17 @@ def resume(engine, run: fs.Location, rank: int) -> ckpt_io.TrainState:
             print(f"[t2i] rank {rank}: skipping checkpoint {loc.uri}: {e}", flush=True)
             shutil.rmtree(local, ignore_errors=True)
             continue
-        engine.load_checkpoint(
-            os.path.join(local, "ds"),
-            tag=ckpt_io.DS_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        for part, engine in engines.items():
+            ds = os.path.join(local, ckpt_io.ds_dir(part))
+            if not os.path.isdir(os.path.join(ds, ckpt_io.DS_TAG)):
+                # DeepSpeed would only warn and train on from scratch.
+                raise ValueError(
+                    f"{loc.uri}: no DeepSpeed state for part {part!r} ({ckpt_io.ds_dir(part)}/): "
+                    f"this run's checkpoints were written by a different objective"
+                )
+            engine.load_checkpoint(
+                ds, tag=ckpt_io.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         from safetensors.torch import load_file
 
         rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
@@ -223,7 +314,7 @@ def resume(engine, run: fs.Location, rank: int) -> ckpt_io.TrainState:
 
 
 def save(
-    engine,
+    engines: dict,
     cfg: TrainConfig,
     run: fs.Location,
     state: ckpt_io.TrainState,
@@ -238,18 +329,24 @@ def save(
     import ray.train
     from safetensors.torch import save_file
 
-    ok = torch.tensor([1.0 if local_params_finite(engine) else 0.0])
+    finite = all(local_params_finite(e) for e in engines.values())
+    ok = torch.tensor([1.0 if finite else 0.0])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item() != 1.0:
         raise NonFiniteError(f"refusing to checkpoint step {state.step}: parameters are not finite")
     dest = run.join("checkpoints", ckpt_io.step_dir_name(state.step))
     local = ckpt_io.staging_dir(f"save-r{rank}")
-    engine.save_checkpoint(os.path.join(local, "ds"), tag=ckpt_io.DS_TAG, save_latest=False)
+    for part, engine in engines.items():  # model + optimizer state of every part
+        engine.save_checkpoint(
+            os.path.join(local, ckpt_io.ds_dir(part)), tag=ckpt_io.DS_TAG, save_latest=False
+        )
     save_file(
         {"torch_cpu": torch.get_rng_state()}, os.path.join(local, f"rng_rank{rank:05d}.safetensors")
     )
     weights = (
-        objective.export_state_dict(engine) if export and cfg.checkpoint.export_weights else None
+        objective.export_state_dict(objective_engines(engines))
+        if export and cfg.checkpoint.export_weights
+        else None
     )
     if rank == 0:
         with open(os.path.join(local, "train_state.json"), "wb") as f:

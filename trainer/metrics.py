@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 
 from data_pipeline import fs
@@ -91,8 +92,10 @@ class MetricsLogger:
                 flush=True,
             )
 
-    def step(self, engine, state: TrainState, *, force: bool = False) -> dict | None:
-        """Metrics averaged since the last log step, on log steps (or `force`); else None."""
+    def step(self, engines: dict, state: TrainState, *, force: bool = False) -> dict | None:
+        """Metrics averaged since the last log step, on log steps (or `force`); else None.
+        `engines` by part: lr and grad norm are the first part's, `lr_<part>` and
+        `grad_norm_<part>` the others'."""
         if self.model_state_gib != self.model_state_gib:  # first applied step: NaN check
             self.model_state_gib = current_rss_gib() - self.rss_before_init
         if state.step % self.cfg.log_every and state.step < self.cfg.steps and not force:
@@ -100,12 +103,12 @@ class MetricsLogger:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         tok_s = self.tokens / elapsed  # this worker
         out = {k: v / max(self.micro, 1) for k, v in self.sums.items()}
-        grad_norm = engine.get_global_grad_norm()
+        (_, engine), *others = engines.items()
         out.update(
             step=state.step,
             epoch=state.epoch,
             lr=engine.optimizer.param_groups[0]["lr"],
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            grad_norm=_grad_norm(engine),
             tokens_per_s=tok_s * self.world,
             samples_per_s=self.micro * self.cfg.data.batch_size * self.world / elapsed,
             mfu=compute_mfu(tok_s, self.objective.flops_per_token(), self.peak_flops),
@@ -114,6 +117,9 @@ class MetricsLogger:
             peak_rss_gib=peak_rss_gib(),
             peak_rss_gib_total=all_ranks_sum(peak_rss_gib()),
         )
+        for part, e in others:
+            out[f"lr_{part}"] = e.optimizer.param_groups[0]["lr"]
+            out[f"grad_norm_{part}"] = _grad_norm(e)
         if self.writer is not None:
             for k, v in out.items():
                 if k not in ("step", "epoch"):
@@ -125,9 +131,41 @@ class MetricsLogger:
         self.sums, self.micro, self.tokens, self.t0 = {}, 0, 0, time.perf_counter()
         return out
 
+    def images_dir(self) -> str:
+        """`<run dir>/images`, beside the TensorBoard events."""
+        return os.path.join(os.path.dirname(self.tensorboard_dir()), "images")
+
+    def images(self, images: dict[str, np.ndarray], step: int) -> list[str]:
+        """Rank 0: write each uint8 (H, W, 3) grid as `images/<name>_step<NNNNNNNN>.png` and to
+        TensorBoard. Returns the paths written (none on other ranks)."""
+        if self.writer is None:
+            return []
+        from PIL import Image
+
+        os.makedirs(self.images_dir(), exist_ok=True)
+        paths = []
+        for name, grid in images.items():
+            grid = np.asarray(grid)
+            if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] != 3:
+                raise ValueError(
+                    f"log_images: image {name!r} must be uint8 (H, W, 3), "
+                    f"got {grid.dtype} {grid.shape}"
+                )
+            path = os.path.join(self.images_dir(), f"{name}_step{step:08d}.png")
+            Image.fromarray(grid).save(path)
+            self.writer.add_image(f"images/{name}", grid, step, dataformats="HWC")
+            paths.append(path)
+        self.writer.flush()
+        return paths
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()  # of the last applied step
+    return float(norm) if norm is not None else float("nan")
 
 
 def _fmt(v) -> str:

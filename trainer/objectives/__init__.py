@@ -7,6 +7,15 @@ An objective provides:
     tokens_in_batch(batch), flops_per_token()  for throughput and MFU
     export_state_dict(engine) -> dict | None   consolidated weights for safetensors (rank 0)
 
+Optional hooks (the loop calls them when present):
+    on_step(step)                              before each micro-batch: schedules follow the step
+    log_images(engine, batch) -> {name: uint8 (H, W, 3)}   at log steps (eval mode, no grad)
+
+Several parts, an optimizer each (a GAN; see trainer/engine.py): declare `parts = ("model",
+"discriminator")` and `build_parts() -> {part: nn.Module}` instead of `build_model`; optionally
+`optimizer_section(part)` and `active_parts(step)`. Such objectives receive the dict of engines by
+part (`loss(engines, batch, part)`, `log_images(engines, batch)`, `export_state_dict(engines)`).
+
 The registry maps the config's `objective:` name to a builder (no import strings in YAML).
 """
 
