@@ -1,12 +1,476 @@
-"""VQGAN (taming-transformers `VQModel` state-dict layout). Being built: see issue 5."""
+"""VQGAN autoencoder in taming-transformers' `VQModel` state-dict layout.
+
+    encoder          taming `Encoder`   images in [-1, 1] (B, 3, H, W) -> z_e (B, z_channels, h, w)
+    quant_conv       1x1 conv           -> (B, embed_dim, h, w)
+    quantize         nearest codebook entry (`quantize.embedding.weight`, (n_embed, embed_dim))
+    post_quant_conv  1x1 conv           -> (B, z_channels, h, w)
+    decoder          taming `Decoder`   -> reconstruction (B, 3, H, W) in ~[-1, 1]
+
+h = H / f with f = 2 ** (len(ch_mult) - 1). Module and parameter names are taming's, so the
+autoencoder part of a taming checkpoint (`encoder.*`, `decoder.*`, `quantize.embedding.weight`,
+`quant_conv.*`, `post_quant_conv.*`) loads here with `strict=True`; its `loss.*` keys (LPIPS and
+discriminator) are not part of the autoencoder. Tokenizer I/O is in [0, 1]; the model works in
+[-1, 1] internally, as taming's does.
+
+This file is single-device torch only (no distributed code): the objective
+(`trainer/objectives/vqgan.py`) adds the discriminator, the loss weighting and dead-code restarts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import pickle
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer
+from trainer.models.taming_modules import Decoder, Encoder
+
+LOSS_PREFIX = "loss."  # taming's loss module: `loss.discriminator.*`, `loss.perceptual_loss.*`
 
 
 @dataclass
 class VqganConfig:
-    """objective=vqgan: autoencoder, codebook, discriminator and loss weights."""
+    """objective=vqgan: autoencoder (taming `ddconfig`), codebook, discriminator, loss weights.
 
-    image_size: int = 32  # training resolution (square)
+    Shape defaults are a small f=4 model (32 px -> 8x8 codes of 512); taming's ImageNet f=16
+    model is ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
+    z_channels=embed_dim=256, n_embed=1024 at image_size=256.
+    """
+
+    # --- taming ddconfig (`resolution` is image_size) ---
+    image_size: int = 32  # training resolution (square); a multiple of the downsampling factor
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 32  # base width; every level's width (ch * mult) must be a multiple of 32 (GroupNorm)
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2])  # f = 2 ** (len - 1)
+    num_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=list)  # sides with self-attention
+    dropout: float = 0.0
+    z_channels: int = 64
+    double_z: bool = False  # taming's key; a VQGAN needs False (True is the KL autoencoder's)
+    # --- codebook ---
+    n_embed: int = 512  # K: codebook entries (the image vocabulary)
+    embed_dim: int = 32  # width of each entry
+    beta: float = 0.25  # commitment weight: beta * ||z_e - sg[e]||^2
+    dead_code_every: int = 0  # steps between dead-code restarts (0: never)
+    dead_code_min_uses: int = 1  # a code picked fewer times than this since the last restart
+    # --- loss weights (taming `VQLPIPSWithDiscriminator` params) ---
+    codebook_weight: float = 1.0
+    pixelloss_weight: float = 1.0  # L1 in [-1, 1]
+    perceptual_weight: float = 1.0  # VGG16 feature loss; only with `perceptual_weights`
+    perceptual_weights: str = ""  # local torchvision `vgg16` state dict; "": pixel loss only
+    # --- discriminator (taming NLayerDiscriminator, BatchNorm, hinge or vanilla loss) ---
+    disc_start: int = 10_000  # optimizer step at which the GAN terms switch on
+    disc_weight: float = 0.8  # multiplies the adaptive weight
+    disc_factor: float = 1.0
+    disc_num_layers: int = 3
+    disc_ndf: int = 64
+    disc_in_channels: int = 3
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    disc_lr: float = 0.0  # discriminator Adam lr; 0: optimizer.lr
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # taming's
+    # Start from these weights (a model.safetensors, or a directory holding one: an exported run
+    # or a `t2i convert --from taming-vqgan` output); `loss.discriminator.*` keys, when present,
+    # initialise the discriminator too. Optimizers start fresh. A resumed run ignores it.
+    init_from: str = ""
+
+    def __post_init__(self):
+        for name in ("image_size", "ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"VqganConfig.{name} must be a positive int, got {value!r}")
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+            raise ValueError(f"VqganConfig.ch_mult must be positive ints, got {self.ch_mult}")
+        if any((self.ch * m) % 32 for m in self.ch_mult):
+            raise ValueError(
+                f"VqganConfig: every level width ch * ch_mult must be a multiple of 32 (taming's "
+                f"GroupNorm has 32 groups), got ch={self.ch}, ch_mult={self.ch_mult}"
+            )
+        if self.double_z:
+            raise ValueError("VqganConfig.double_z must be false for a VQGAN (taming's configs)")
+        if self.image_size % self.downsample:
+            raise ValueError(
+                f"VqganConfig.image_size {self.image_size} is not a multiple of the downsampling "
+                f"factor {self.downsample} (len(ch_mult)={len(self.ch_mult)})"
+            )
+        if self.dead_code_every < 0 or self.disc_start < 0:
+            raise ValueError("VqganConfig: dead_code_every and disc_start must be >= 0")
+        if len(self.disc_betas) != 2:
+            raise ValueError(f"VqganConfig.disc_betas must hold 2 values, got {self.disc_betas}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def ddconfig(self) -> dict:
+        """taming's `ddconfig` mapping (what `Encoder(**ddconfig)` takes)."""
+        return {
+            "double_z": self.double_z,
+            "z_channels": self.z_channels,
+            "resolution": self.image_size,
+            "in_channels": self.in_channels,
+            "out_ch": self.out_ch,
+            "ch": self.ch,
+            "ch_mult": list(self.ch_mult),
+            "num_res_blocks": self.num_res_blocks,
+            "attn_resolutions": list(self.attn_resolutions),
+            "dropout": self.dropout,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1] (taming's input range)."""
+    return images * 2.0 - 1.0
+
+
+def to_image_range(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def compute_nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row for each vector: z (N, D), codebook (K, D) -> (N,).
+
+    Same expression as taming's `VectorQuantizer` (z^2 + e^2 - 2 z.e), so codes agree exactly
+    with it in fp32; computed in fp32 whatever the training precision."""
+    z, e = z.float(), codebook.float()
+    d = torch.sum(z**2, dim=1, keepdim=True) + torch.sum(e**2, dim=1) - 2 * torch.matmul(z, e.t())
+    return torch.argmin(d, dim=1)
+
+
+def compute_vq_losses(z: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook loss ||sg[z_e] - e||^2, commitment loss ||z_e - sg[e]||^2), means, fp32.
+
+    The VQ-VAE paper weights the commitment term by beta; taming's legacy quantizer puts beta on
+    the codebook term instead. We follow the paper."""
+    codebook = F.mse_loss(z_q.float(), z.detach().float())
+    commitment = F.mse_loss(z.float(), z_q.detach().float())
+    return codebook, commitment
+
+
+def compute_code_usage(codes: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fraction of the K codes used, perplexity exp(H) of the code histogram) of int codes."""
+    counts = torch.bincount(codes.reshape(-1), minlength=vocab_size).float()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return (counts > 0).float().mean(), entropy.exp()
+
+
+def compute_psnr(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio (dB) of images in [0, 1], over the whole batch."""
+    mse = F.mse_loss(recon.float(), images.float())
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook quantisation with the straight-through gradient (`embedding.weight`)."""
+
+    def __init__(self, n_embed: int, embed_dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)  # taming's init
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D, h, w) -> int64 codes (B, h, w)."""
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+        return compute_nearest_codes(flat, self.embedding.weight).view(b, h, w)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """int codes (B, h, w) -> codebook vectors (B, D, h, w)."""
+        return self.embedding(codes).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor):
+        """z (B, D, h, w) -> (z_q with the straight-through gradient, codes (B, h, w), raw z_q
+        carrying the codebook gradient)."""
+        codes = self.codes(z)
+        z_q = self.lookup(codes).to(z.dtype)
+        return z + (z_q - z).detach(), codes, z_q
+
+
+class Vqgan(nn.Module):
+    """The autoencoder (taming `VQModel` without its loss module)."""
+
+    def __init__(self, cfg: VqganConfig):
+        super().__init__()
+        self.cfg = cfg
+        shape = dict(
+            ch=cfg.ch,
+            ch_mult=list(cfg.ch_mult),
+            num_res_blocks=cfg.num_res_blocks,
+            attn_resolutions=list(cfg.attn_resolutions),
+            dropout=cfg.dropout,
+            resolution=cfg.image_size,
+            z_channels=cfg.z_channels,
+        )
+        self.encoder = Encoder(in_channels=cfg.in_channels, **shape)
+        self.decoder = Decoder(out_ch=cfg.out_ch, **shape)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def encode_pre_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """x in [-1, 1] (B, C, H, W) -> z_e (B, embed_dim, h, w), before quantisation."""
+        return self.quant_conv(self.encoder(x))
+
+    def decode_quant(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantised vectors (B, embed_dim, h, w) -> images in ~[-1, 1] (B, C, H, W)."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x in [-1, 1] -> {recon, codes (B, h, w), z_e, z_q (codebook gradient path),
+        features (the input of the decoder's last layer)}."""
+        z_e = self.encode_pre_quant(x)
+        z_st, codes, z_q = self.quantize(z_e)
+        features = self.decoder.features(self.post_quant_conv(z_st))
+        recon = self.decoder.conv_out(features)
+        return {"recon": recon, "codes": codes, "z_e": z_e, "z_q": z_q, "features": features}
+
+    def flops_per_image(self) -> float:
+        """Forward FLOPs of one `cfg.image_size` image: 2 x multiply-adds of every conv (the
+        attention matmuls are small at these grids and left out)."""
+        total = 0.0
+
+        def hook(mod, inp, out):
+            nonlocal total
+            k = mod.weight[0].numel()  # in_channels/groups * kh * kw
+            total += 2.0 * k * out.numel()
+
+        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+        handles = [m.register_forward_hook(hook) for m in convs]
+        p, size = next(self.parameters()), self.cfg.image_size
+        try:
+            with torch.no_grad():
+                self(
+                    torch.zeros(1, self.cfg.in_channels, size, size, dtype=p.dtype, device=p.device)
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        return total
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and strict loading
+# --------------------------------------------------------------------------------------------
+
+
+def autoencoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without taming's `loss.*` keys (LPIPS, discriminator)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(LOSS_PREFIX)}
+
+
+def read_init_state(path: str) -> dict[str, torch.Tensor]:
+    """The weights of `VqganConfig.init_from`: a safetensors file or a directory holding one."""
+    from safetensors.torch import load
+
+    from data_pipeline import fs
+
+    loc = fs.resolve(path)
+    if not path.endswith(".safetensors"):
+        loc = loc.join(WEIGHTS)
+    return load(fs.read_bytes(loc))
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str) -> None:
+    """`load_state_dict(strict=True)` with an error naming the first missing/unexpected key (in
+    the module's own order) or the first shape mismatch, instead of torch's wall of keys."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
+        if unexpected:
+            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise ValueError(f"{what}: state dict does not match the VQGAN layout: {'; '.join(parts)}")
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{what}: {k!r} has shape {tuple(state_dict[k].shape)}, the layout expects "
+                f"{tuple(v.shape)}"
+            )
+    module.load_state_dict(state_dict, strict=True)
+
+
+class VqganTokenizer(ImageTokenizer, Vqgan):
+    """Inference: images in [0, 1] -> int64 codes, codes -> images in [0, 1]. It is a `Vqgan`
+    (same modules, so the same taming keys) with the tokenizer API on top."""
+
+    kind = "vqgan"
+    discrete = True
+
+    def __init__(self, cfg: VqganConfig):
+        super().__init__(cfg)  # Vqgan.__init__ (ImageTokenizer defines none)
+        self.downsample = cfg.downsample
+        self.vocab_size = cfg.n_embed
+
+    @classmethod
+    def from_state(cls, cfg: VqganConfig, state_dict: dict[str, torch.Tensor]) -> VqganTokenizer:
+        """Strict load of the autoencoder keys; taming's `loss.*` keys are ignored."""
+        tok = cls(cfg)
+        load_strict(tok, autoencoder_state(state_dict), what="vqgan")
+        return tok
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images float (B, C, H, W) in [0, 1] -> int64 codes (B, H/f, W/f)."""
+        c, f = self.cfg.in_channels, self.downsample
+        if images.dim() != 4 or images.shape[1] != c or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(
+                f"vqgan.encode: expected images (B, {c}, H, W) with H, W multiples of {f}, "
+                f"got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"vqgan.encode: images must be float in [0, 1], got {images.dtype}")
+        z_e = self.encode_pre_quant(to_model_range(images.to(self.quant_conv.weight.dtype)))
+        return self.quantize.codes(z_e)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """int codes (B, h, w) in [0, K) -> float32 images (B, C, h*f, w*f) in [0, 1]."""
+        if codes.dim() != 3 or codes.is_floating_point():
+            raise ValueError(
+                f"vqgan.decode: expected int codes (B, h, w), got {codes.dtype} "
+                f"{tuple(codes.shape)}"
+            )
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.vocab_size):
+            raise ValueError(
+                f"vqgan.decode: codes must lie in [0, {self.vocab_size}), got "
+                f"[{int(codes.min())}, {int(codes.max())}]"
+            )
+        return to_image_range(self.decode_quant(self.quantize.lookup(codes.long())))
+
+
+# --------------------------------------------------------------------------------------------
+# taming-transformers checkpoints -> a tokenizer directory
+# --------------------------------------------------------------------------------------------
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def read_taming_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """`state_dict` of a taming `.ckpt` (Lightning) or a `.safetensors` file, never unpickling
+    code: `torch.load(weights_only=True)` refuses any pickled global, and we name it."""
+    from data_pipeline import fs
+
+    data = fs.read_bytes(fs.resolve(path))
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(data)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL_RE.search(str(e))
+        name = found.group(1) if found else str(e).splitlines()[0]
+        raise ValueError(
+            f"{path}: the checkpoint pickles {name}, and we never unpickle code. In a trusted "
+            f"environment, re-save its weights only: `torch.save({{'state_dict': torch.load("
+            f"'{path}', weights_only=False)['state_dict']}}, 'weights.ckpt')` (or save them as "
+            f".safetensors) and pass that file."
+        ) from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+def config_from_taming_yaml(path: str) -> VqganConfig:
+    """A VqganConfig from taming's model YAML (`model.params.{ddconfig, n_embed, embed_dim,
+    lossconfig.params}`)."""
+    import yaml
+
+    from data_pipeline import fs
+
+    doc = yaml.safe_load(fs.read_bytes(fs.resolve(path)).decode())
+    try:
+        params = doc["model"]["params"]
+        dd, n_embed, embed_dim = params["ddconfig"], params["n_embed"], params["embed_dim"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path}: not a taming VQGAN config: missing key model.params.{e.args[0]}"
+        ) from None
+    loss = (params.get("lossconfig") or {}).get("params") or {}
+    known = {f for f in VqganConfig.__dataclass_fields__}
+    kwargs = {k: v for k, v in loss.items() if k in known}
+    if loss.get("use_actnorm"):
+        raise ValueError(f"{path}: lossconfig.params.use_actnorm=true is not supported")
+    if "disc_conditional" in loss and loss["disc_conditional"]:
+        raise ValueError(f"{path}: lossconfig.params.disc_conditional=true is not supported")
+    try:
+        return VqganConfig(
+            image_size=int(dd["resolution"]),
+            in_channels=int(dd["in_channels"]),
+            out_ch=int(dd["out_ch"]),
+            ch=int(dd["ch"]),
+            ch_mult=[int(m) for m in dd["ch_mult"]],
+            num_res_blocks=int(dd["num_res_blocks"]),
+            attn_resolutions=[int(r) for r in dd.get("attn_resolutions", [])],
+            dropout=float(dd.get("dropout", 0.0)),
+            z_channels=int(dd["z_channels"]),
+            double_z=bool(dd.get("double_z", False)),
+            n_embed=int(n_embed),
+            embed_dim=int(embed_dim),
+            **kwargs,
+        )
+    except KeyError as e:
+        raise ValueError(f"{path}: missing key model.params.ddconfig.{e.args[0]}") from None
+
+
+def convert_taming_vqgan(
+    ckpt_path: str, config_path: str, out_dir: str, *, keep_loss: bool = False
+) -> dict:
+    """taming `VQModel` checkpoint (+ its YAML) -> `out_dir/model.safetensors` + `config.yaml`,
+    a tokenizer directory for `load_image_tokenizer` (and a `t2i train` starting point).
+
+    The autoencoder keys load strictly (an error names the first missing/unexpected key);
+    `loss.discriminator.*` is kept with `keep_loss` (to resume GAN training), other `loss.*`
+    keys (LPIPS) are dropped."""
+    from safetensors.torch import save
+
+    from data_pipeline import fs
+    from trainer.config import TrainConfig, to_yaml
+
+    sd = read_taming_state_dict(ckpt_path)
+    cfg = config_from_taming_yaml(config_path)
+    tok = VqganTokenizer(cfg)
+    load_strict(tok, autoencoder_state(sd), what=ckpt_path)
+    state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
+    if keep_loss:
+        from trainer.models.discriminator import DISC_PREFIX, NLayerDiscriminator
+
+        disc = NLayerDiscriminator(cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers)
+        disc_sd = {k[len(DISC_PREFIX) :]: v for k, v in sd.items() if k.startswith(DISC_PREFIX)}
+        load_strict(disc, disc_sd, what=f"{ckpt_path} ({DISC_PREFIX}*)")
+        state.update({DISC_PREFIX + k: v.detach().contiguous() for k, v in disc_sd.items()})
+    out = fs.resolve(out_dir)
+    weights = save(state, metadata={"objective": "vqgan", "source": "taming-vqgan"})
+    fs.write_bytes_atomic(out.join(WEIGHTS), weights)
+    train_cfg = TrainConfig(name="taming-vqgan", objective="vqgan", vqgan=cfg)
+    fs.write_bytes_atomic(out.join(CONFIG), to_yaml(train_cfg).encode())  # config last
+    return {
+        "out": out.uri,
+        "params": sum(v.numel() for v in state.values()),
+        "downsample": cfg.downsample,
+        "vocab_size": cfg.n_embed,
+        "kept_loss_keys": sum(k.startswith(LOSS_PREFIX) for k in state),
+        "vqgan": asdict(cfg),
+    }

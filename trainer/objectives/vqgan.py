@@ -1,0 +1,286 @@
+"""The VQGAN objective (taming-transformers' `VQModel` + `VQLPIPSWithDiscriminator`), trained on
+image-text shards (captions unused) as two engine parts with an optimizer each:
+
+    "model"          the autoencoder. Loss = L1(x, x_rec) [+ w_p * VGG perceptual]
+                     + codebook_weight * (codebook + beta * commitment)
+                     + [from disc_start] lambda * disc_factor * (-mean D(x_rec)),
+                     lambda = taming's adaptive weight at the decoder's last layer.
+    "discriminator"  from disc_start: hinge (or vanilla) loss on D(x) vs D(sg[x_rec]), where
+                     x_rec is the reconstruction of the same micro-batch (computed once by the
+                     "model" part and reused: the engine computes every part's loss before
+                     stepping any, so the discriminator sees the pre-step reconstruction).
+
+Before `disc_start` only the autoencoder is updated (`active_parts`), as taming's zero
+`disc_factor` does, without spending the discriminator's forward passes. Dead codes (picked fewer
+than `dead_code_min_uses` times over `dead_code_every` steps, summed over ranks) are re-seeded
+from encoder outputs of the current batch, identically on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.image_text import IMAGE, image_text_dataset
+from trainer.config import OptimizerSection, TrainConfig
+from trainer.engine import MODEL, export_module_state, set_full_param
+from trainer.models.discriminator import (
+    D_LOSSES,
+    DISC_PREFIX,
+    NLayerDiscriminator,
+    compute_adaptive_weight,
+    compute_conv_weight_grads,
+)
+from trainer.models.vqgan import (
+    Vqgan,
+    autoencoder_state,
+    compute_code_usage,
+    compute_psnr,
+    compute_vq_losses,
+    load_strict,
+    read_init_state,
+    to_image_range,
+    to_model_range,
+)
+
+DISC = "discriminator"
+LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`
+
+
+def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of images (N, C, S, S) in [0, 1] -> one uint8 (rows*S, N*S, 3) picture."""
+    lines = [torch.cat(list(r.float().clamp(0, 1)), dim=2) for r in rows]  # each (C, S, N*S)
+    pic = torch.cat(lines, dim=1)  # (C, rows*S, N*S)
+    if pic.shape[0] == 1:
+        pic = pic.expand(3, -1, -1)
+    return (pic[:3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def _dtype(engine) -> torch.dtype:
+    return next(engine.module.parameters()).dtype
+
+
+class VqganObjective:
+    name = "vqgan"
+    parts = (MODEL, DISC)
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.model_cfg = m = cfg.vqgan
+        self.cells = (m.image_size // m.downsample) ** 2  # codes per image: the "tokens"
+        self.step = 0  # optimizer step, from the loop's on_step hook
+        self._flops_per_token = 0.0
+        self._fake: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, sg[x_rec]) for D
+        self._usage = torch.zeros(m.n_embed, dtype=torch.float64)  # codes since last restart
+        self._restarted_at = 0
+        self._perceptual = None  # built on first use: the driver never needs VGG
+        if m.perceptual_weight > 0 and not m.perceptual_weights:
+            print(
+                "[t2i] vqgan: no vqgan.perceptual_weights file: pixel (L1) loss only, no "
+                "perceptual term (nothing is downloaded)",
+                flush=True,
+            )
+
+    # ---- engine protocol ------------------------------------------------------------------
+
+    def build_parts(self) -> dict[str, torch.nn.Module]:
+        m = self.model_cfg
+        model = Vqgan(m)
+        disc = NLayerDiscriminator(m.disc_in_channels, m.disc_ndf, m.disc_num_layers)
+        if m.init_from:
+            state = read_init_state(m.init_from)
+            load_strict(model, autoencoder_state(state), what=m.init_from)
+            disc_state = {
+                k[len(DISC_PREFIX) :]: v for k, v in state.items() if k.startswith(DISC_PREFIX)
+            }
+            if disc_state:
+                load_strict(disc, disc_state, what=f"{m.init_from} ({DISC_PREFIX}*)")
+        # fwd + bwd ~ 3x the autoencoder's forward FLOPs, spread over the code cells (the
+        # discriminator's share is left out: it is off for most of a run's early steps).
+        self._flops_per_token = 3.0 * model.flops_per_image() / self.cells
+        return {MODEL: model, DISC: disc}
+
+    def optimizer_section(self, part: str) -> OptimizerSection:
+        """The discriminator has its own lr (`vqgan.disc_lr`, default optimizer.lr) and betas."""
+        o, m = self.cfg.optimizer, self.model_cfg
+        if part == DISC:
+            return dataclasses.replace(o, lr=m.disc_lr or o.lr, betas=list(m.disc_betas))
+        return o
+
+    def active_parts(self, step: int) -> tuple[str, ...]:
+        return self.parts if self.gan_on(step) else (MODEL,)
+
+    def gan_on(self, step: int) -> bool:
+        m = self.model_cfg
+        return step >= m.disc_start and m.disc_factor > 0
+
+    def on_step(self, step: int) -> None:
+        """Loop hook, before each micro-batch: the discriminator start follows the step."""
+        self.step = step
+
+    def dataset(self):
+        d = self.cfg.data
+        if d.source != "shards" or not d.path:
+            raise ValueError(
+                "objective=vqgan trains on image-text shards: set data.source=shards "
+                "and data.path to a shards dir, glob or s3:// prefix"
+            )
+        ds = image_text_dataset(
+            d.path,
+            size=self.model_cfg.image_size,
+            endpoint_url=self.cfg.storage.endpoint_url,
+            region=self.cfg.storage.region,
+        )
+        return ds.select_columns([IMAGE])  # captions are not used (and strings do not batch)
+
+    def images(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """uint8 (B, S, S, C) rows -> (B, C, S, S) in [-1, 1], in the model's dtype."""
+        x = batch[IMAGE].permute(0, 3, 1, 2).float().div(255.0)
+        return to_model_range(x).to(_dtype(engine))
+
+    def loss(self, engines: dict, batch: dict[str, torch.Tensor], part: str):
+        if part == MODEL:
+            return self.autoencoder_loss(engines, batch)
+        if part == DISC:
+            return self.discriminator_loss(engines)
+        raise ValueError(f"objective=vqgan has no part {part!r}")
+
+    # ---- losses ---------------------------------------------------------------------------
+
+    def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor):
+        """taming's nll: L1 [+ perceptual_weight * VGG]; returns (nll, l1, perceptual), fp32."""
+        m = self.model_cfg
+        rec_loss = (x.float() - recon.float()).abs().mean()
+        nll = m.pixelloss_weight * rec_loss
+        p_loss = torch.zeros(())
+        if m.perceptual_weight > 0 and m.perceptual_weights:
+            if self._perceptual is None:
+                from trainer.models.perceptual import VggPerceptualLoss
+
+                self._perceptual = VggPerceptualLoss(m.perceptual_weights)
+            p_loss = self._perceptual(x.float(), recon.float()).mean()
+            nll = nll + m.perceptual_weight * p_loss
+        return nll, rec_loss, p_loss
+
+    def autoencoder_loss(self, engines: dict, batch: dict[str, torch.Tensor]):
+        m, ae = self.model_cfg, engines[MODEL]
+        self.maybe_restart_dead_codes(engines, batch)
+        x = self.images(ae, batch)  # (B, C, S, S)
+        out = ae(x)
+        recon, codes = out["recon"], out["codes"]
+        nll, rec_loss, p_loss = self.reconstruction_loss(x, recon)
+        codebook, commitment = compute_vq_losses(out["z_e"], out["z_q"])
+        loss = nll + m.codebook_weight * (codebook + m.beta * commitment)
+        g_loss, d_weight = torch.zeros(()), torch.zeros(())
+        if self.gan_on(self.step):
+            # The discriminator's module, not its engine: this pass belongs to the autoencoder's
+            # backward (the engine froze the discriminator's parameters for it).
+            disc = engines[DISC].module
+            g_loss = -disc(recon.to(_dtype(engines[DISC]))).float().mean()
+            d_weight = self.adaptive_weight(engines, x, recon, out["features"])
+            loss = loss + d_weight * m.disc_factor * g_loss
+            self._fake = (x.detach(), recon.detach())
+        with torch.no_grad():
+            self._usage += torch.bincount(codes.reshape(-1), minlength=m.n_embed).double()
+            used, perplexity = compute_code_usage(codes, m.n_embed)
+            psnr = compute_psnr(to_image_range(recon), to_image_range(x))
+        metrics = {
+            "rec_loss": rec_loss.detach(),  # L1 in [-1, 1]
+            "p_loss": p_loss.detach(),
+            "codebook_loss": codebook.detach(),
+            "commitment_loss": commitment.detach(),
+            "psnr": psnr,
+            "codebook_used": used,  # fraction of the K codes picked in this batch
+            "code_perplexity": perplexity,
+            "g_loss": g_loss.detach(),
+            "d_weight": d_weight,
+        }
+        return loss, metrics
+
+    def adaptive_weight(self, engines: dict, x, recon, features) -> torch.Tensor:
+        """taming's adaptive weight: gradient norms of nll and of the generator loss at the
+        decoder's last conv, computed from a detached copy of the reconstruction (see
+        `compute_conv_weight_grads`: DeepSpeed's gradient hooks must not see these passes)."""
+        r = recon.detach().float().requires_grad_(True)
+        nll, _, _ = self.reconstruction_loss(x, r)
+        g = -engines[DISC].module(r.to(_dtype(engines[DISC]))).float().mean()
+        conv = engines[MODEL].module.decoder.conv_out
+        nll_grads, g_grads = compute_conv_weight_grads([nll, g], r, features.detach(), conv)
+        return compute_adaptive_weight(nll_grads, g_grads, disc_weight=self.model_cfg.disc_weight)
+
+    def discriminator_loss(self, engines: dict):
+        if self._fake is None:
+            raise RuntimeError("vqgan: the discriminator part ran before the autoencoder part")
+        (x, recon), self._fake = self._fake, None
+        disc = engines[DISC]
+        logits_real = disc(x.to(_dtype(disc))).float()
+        logits_fake = disc(recon.to(_dtype(disc))).float()
+        m = self.model_cfg
+        d_loss = m.disc_factor * D_LOSSES[m.disc_loss](logits_real, logits_fake)
+        metrics = {
+            "d_loss": d_loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
+        return d_loss, metrics
+
+    # ---- dead codes -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def maybe_restart_dead_codes(self, engines: dict, batch: dict[str, torch.Tensor]) -> int:
+        """Every `dead_code_every` steps (once, on that step's first micro-batch), replace the
+        codes used fewer than `dead_code_min_uses` times since the last restart (counts summed
+        over ranks) by encoder outputs drawn from rank 0's batch. Returns how many."""
+        every = self.model_cfg.dead_code_every
+        if not every or self.step == 0 or self.step % every or self._restarted_at == self.step:
+            return 0
+        self._restarted_at = self.step
+        usage = self._usage.clone()
+        self._usage.zero_()
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(usage)
+        dead = (usage < self.model_cfg.dead_code_min_uses).nonzero().flatten()
+        if not len(dead):
+            return 0
+        ae = engines[MODEL]
+        z = ae.module.encode_pre_quant(self.images(ae, batch))  # (B, D, h, w)
+        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B*h*w, D)
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
+        picks = z[torch.randint(len(z), (len(dead),), generator=g)]
+        if distributed:
+            dist.broadcast(picks, src=0)  # every rank writes the same rows
+        weight = ae.module.quantize.embedding.weight
+        new = weight.detach().float().clone()
+        new[dead] = picks
+        set_full_param(weight, new)
+        return len(dead)
+
+    # ---- logging and export ---------------------------------------------------------------
+
+    def log_images(self, engines: dict, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Originals (top row) over their reconstructions through the codes (bottom row)."""
+        ae = engines[MODEL]
+        x = self.images(ae, batch)[:LOG_IMAGES]
+        recon = ae.module(x)["recon"]
+        return {"reconstructions": image_grid([to_image_range(x), to_image_range(recon)])}
+
+    def tokens_in_batch(self, batch) -> int:
+        return int(batch[IMAGE].shape[0]) * self.cells
+
+    def flops_per_token(self) -> float:
+        return self._flops_per_token
+
+    def export_state_dict(self, engines: dict) -> dict[str, torch.Tensor] | None:
+        """taming's VQModel layout on rank 0 (None elsewhere): the autoencoder's keys in fp32,
+        plus `loss.discriminator.*`, so training can go on from the exported file."""
+        state = export_module_state(engines[MODEL])
+        if state is None:
+            return None
+        for k, v in engines[DISC].module.state_dict().items():
+            v = v.detach()
+            state[DISC_PREFIX + k] = (v.float() if v.is_floating_point() else v).contiguous()
+        return state
