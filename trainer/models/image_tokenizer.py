@@ -12,6 +12,8 @@ as latent diffusion expects) and `decode` undoes that scaling.
 A tokenizer directory holds `model.safetensors` (the model's own state dict) and `config.yaml` (a
 `t2i train` config whose `objective` names the kind and whose section of that name is its shape).
 Every exported `t2i train` checkpoint is such a directory, and so is what `t2i convert` writes.
+A diffusers `AutoencoderKL` directory (`config.json` + `diffusion_pytorch_model.safetensors`, as
+Stable Diffusion's `vae/` folder) loads too, as a KL-AE with the `scaling_factor` of its config.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from data_pipeline import fs
-from trainer.config import StorageConfig, TrainConfig, load_config
+
+if TYPE_CHECKING:  # trainer.config imports the model modules, which subclass ImageTokenizer
+    from trainer.config import StorageConfig, TrainConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -96,18 +101,9 @@ BUILDERS: dict[str, Callable[[TrainConfig, dict], ImageTokenizer]] = {
 def _tokenizer_dir(loc: fs.Location) -> fs.Location:
     """`loc` itself when it holds weights + config; else the newest complete checkpoint of the run
     at `loc` that has exported weights."""
-    if fs.exists(loc.join(WEIGHTS)) and fs.exists(loc.join(CONFIG)):
-        return loc
-    from trainer.checkpoint import list_complete
+    from trainer.checkpoint import find_exported
 
-    for _, ckpt in list_complete(loc):
-        if fs.exists(ckpt.join(WEIGHTS)):
-            return ckpt
-    raise FileNotFoundError(
-        f"{loc.uri}: no image tokenizer here: expected {WEIGHTS} + {CONFIG} (a `t2i convert` "
-        f"output or an exported checkpoint) or a `t2i train` run with a complete checkpoint "
-        f"holding {WEIGHTS}"
-    )
+    return find_exported(loc, weights=WEIGHTS, config=CONFIG, what="image tokenizer")
 
 
 def load_image_tokenizer(
@@ -119,8 +115,13 @@ def load_image_tokenizer(
     """
     from safetensors.torch import load_file
 
+    from trainer.config import StorageConfig, TrainConfig, load_config
+
     storage = storage or StorageConfig()
-    src = _tokenizer_dir(fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region))
+    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
+    if _is_diffusers_dir(loc):
+        return _load_diffusers_klae(loc, device)
+    src = _tokenizer_dir(loc)
     tmp = tempfile.mkdtemp(prefix="t2i-tokenizer-")
     try:
         for name in (WEIGHTS, CONFIG):
@@ -138,4 +139,30 @@ def load_image_tokenizer(
         shutil.rmtree(tmp, ignore_errors=True)
     tok = BUILDERS[cfg.objective](cfg, state)
     tok.fingerprint = digest
+    return tok.to(device).eval()
+
+
+def _is_diffusers_dir(loc: fs.Location) -> bool:
+    from trainer.models.klae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS
+
+    return fs.exists(loc.join(DIFFUSERS_CONFIG)) and fs.exists(loc.join(DIFFUSERS_WEIGHTS))
+
+
+def _load_diffusers_klae(loc: fs.Location, device: str | torch.device) -> ImageTokenizer:
+    """A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load
+
+    from trainer.models.klae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, KlaeTokenizer
+
+    cfg_loc = loc.join(DIFFUSERS_CONFIG)
+    try:
+        config = json.loads(fs.read_bytes(cfg_loc))
+    except ValueError as e:
+        raise ValueError(f"{cfg_loc.uri}: not valid JSON: {e}") from None
+    weights = fs.read_bytes(loc.join(DIFFUSERS_WEIGHTS))
+    tok = KlaeTokenizer.from_diffusers(config, load(weights), source=cfg_loc.uri)
+    tok.fingerprint = hashlib.sha256(weights).hexdigest()
     return tok.to(device).eval()
