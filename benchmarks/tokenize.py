@@ -1,0 +1,133 @@
+"""Throughput of `t2i tokenize` (AR recipe) against the image tokenizer alone, and how its time
+scales with the data, in one run on the same images.
+
+    .venv/bin/python benchmarks/tokenize.py [--images 1024] [--n-hid 64] [--threads 1]
+
+1. plan: the full Ray Data plan (read + decode/resize on CPU tasks + BPE + dVAE encode on the
+   actor pool + part commits + shard writer + manifest), end to end, including BPE training and
+   the actor's model load: samples / wall second.
+2. model: the same dVAE forward passes (same batch size, padding and threads as the actor) timed
+   alone on already-decoded pixels: the ceiling the plan can reach (goal: plan >= 0.9x).
+3. scale: the plan on twice the images; goal: time(2x) / time(1x) <= 2.1.
+
+Weights are random (a freshly initialised dVAE; speed does not depend on them). The last line
+printed is `ratio_vs_model=<float> scale_2x_ratio=<float> samples_per_s=<float>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This file's name shadows the standard library's `tokenize` (which `inspect` and `linecache`
+# import): replace the script directory on sys.path with the repository root.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+PER_SHARD = 128
+
+
+def build_inputs(root: Path, images: int) -> list[str]:
+    """Digits train shards, repeated (under new keys) until there are `images` samples."""
+    from data_pipeline import fs
+    from data_pipeline.digits import build_digits
+    from data_pipeline.shards import iter_tar_samples, write_shards
+    from trainer.config import DigitsConfig
+
+    build_digits(DigitsConfig(out=str(root / "digits"), photos=0, samples_per_shard=PER_SHARD),
+                 log=lambda *_: None)  # fmt: skip
+    base = [s for p in sorted((root / "digits" / "train").glob("*.tar"))
+            for s in iter_tar_samples(p.read_bytes())]  # fmt: skip
+    samples = [(f"r{i:07d}", base[i % len(base)][1]) for i in range(images)]
+    out = root / f"shards-{images}"
+    write_shards(fs.resolve(str(out)), samples, samples_per_shard=PER_SHARD)
+    return sorted(str(p) for p in out.glob("*.tar"))
+
+
+def build_tokenizer(root: Path, n_hid: int) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    from trainer.config import TrainConfig, to_yaml
+    from trainer.models.dvae import DvaeConfig, DvaeTokenizer
+
+    torch.manual_seed(0)
+    cfg = DvaeConfig(image_size=32, group_count=3, n_hid=n_hid, n_blk_per_group=1, vocab_size=512)
+    out = root / "dvae"
+    out.mkdir(exist_ok=True)
+    save_file(DvaeTokenizer(cfg).state_dict(), str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(to_yaml(TrainConfig(name="bench", objective="dvae", dvae=cfg)))
+    return str(out)
+
+
+def run_plan(shards, out, tokenizer, batch_size, threads) -> tuple[float, int]:
+    from data_pipeline.tokenize import run_tokenize
+    from data_pipeline.tokenize_config import TokenizeConfig
+    from trainer.config import load_config
+
+    cfg = load_config(TokenizeConfig, None, [
+        f"input={shards}", f"output={out}", "image_size=32", f"image_tokenizer.path={tokenizer}",
+        f"image_tokenizer.batch_size={batch_size}", f"image_tokenizer.num_cpus={threads}",
+        "text_tokenizer.vocab_size=1024", "text_tokenizer.text_len=16",
+    ])  # fmt: skip
+    t0 = time.perf_counter()
+    manifest = run_tokenize(cfg, log=lambda *_: None)
+    return time.perf_counter() - t0, manifest["rows"]
+
+
+def run_model_alone(shards, tokenizer, batch_size, threads) -> tuple[float, int]:
+    """The actor's forward passes, on pixels decoded beforehand (not timed)."""
+    import numpy as np
+
+    from data_pipeline import columns as C
+    from data_pipeline.tokenize_stages import DecodeSquare, EncodeImages, ImageEncoderSpec
+    from data_pipeline.webdataset_source import ReaderLimits, read_shard_rows
+
+    limits = ReaderLimits(1 << 26, 4096, ["png", "jpg"], ["txt"], ["pkl"])
+    rows = [r for s in shards for r in read_shard_rows(s, limits)]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in (C.KEY, C.IMAGE)}
+    batch[C.REASON] = np.array([""] * len(rows))
+    batch[C.DETAIL] = np.array([""] * len(rows))
+    pixels = DecodeSquare(32, 10**8)(batch)[C.PIXELS]
+    stage = EncodeImages(ImageEncoderSpec(tokenizer, None, None, batch_size, threads))
+    stage.encode(pixels[:batch_size])  # warm-up, as the actor's first batch is in the plan
+    t0 = time.perf_counter()
+    for start in range(0, len(pixels), batch_size):
+        stage.encode(pixels[start : start + batch_size])
+    return time.perf_counter() - t0, len(pixels)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--n-hid", type=int, default=64, help="dVAE width (model cost per image)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the model actor")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="error")
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        tokenizer = build_tokenizer(root, args.n_hid)
+        small, large = build_inputs(root, args.images), build_inputs(root, 2 * args.images)
+        t_model, n_model = run_model_alone(small, tokenizer, args.batch_size, args.threads)
+        model = n_model / t_model
+        print(f"model: {n_model} samples in {t_model:.1f}s = {model:.1f} samples/s", flush=True)
+        t1, n1 = run_plan(small, root / "out1", tokenizer, args.batch_size, args.threads)
+        plan = n1 / t1
+        print(f"plan:  {n1} samples in {t1:.1f}s = {plan:.1f} samples/s", flush=True)
+        t2, n2 = run_plan(large, root / "out2", tokenizer, args.batch_size, args.threads)
+        print(f"plan 2x: {n2} samples in {t2:.1f}s", flush=True)
+    ray.shutdown()
+    print(
+        f"ratio_vs_model={plan / model:.3f} scale_2x_ratio={t2 / t1:.3f} samples_per_s={plan:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

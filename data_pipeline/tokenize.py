@@ -1,0 +1,408 @@
+"""`t2i tokenize`: the Ray Data plan from clean shards to a token (ar) or latent (ldm) dataset.
+
+    clean shards ─ read (CPU task per shard) ─ decode + resize (CPU) ─ text BPE (CPU)
+      ─ image tokenizer (actor pool, GPU if any) ─ [ldm: text encoder (actor pool)]
+      ─ commit parts (_work/parts)                                  [encode: streamed]
+    per input shard, as soon as all its rows are committed:
+      parts ─ exactly-once check ─ shards/shard-NNNNN-JJJJ.parquet ─ marker   [write]
+    manifest.json (written last)                                    [finalize]
+
+The plan streams: rows flow through the stages in blocks and are committed as Parquet parts, and a
+shard's output files are written by a Ray task while later shards are still being encoded.
+Resumable and exactly-once: parts are named by the rows they hold, a rerun skips committed shards
+and committed rows, and output shard i is a pure function of input shard i, so a run killed
+anywhere and rerun gives byte-identical outputs. The text tokenizer (BPE trained on the captions,
+deterministically) is written to `text_tokenizer.json` before any row is encoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline import columns as C
+from data_pipeline import fs
+from data_pipeline import token_dataset as T
+from data_pipeline.manifest import MANIFEST_NAME, write_manifest
+from data_pipeline.preprocess import read_shard_task
+from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
+from data_pipeline.tokenize_config import TokenizeConfig, check_config
+from data_pipeline.tokenize_stages import (
+    PART_META_KEY,
+    DecodeSquare,
+    EmbedText,
+    EncodeImages,
+    ImageEncoderSpec,
+    TextEncoderSpec,
+    TokenizeText,
+    commit_part,
+)
+from data_pipeline.tokenize_writer import (
+    DONE_DIR,
+    PARTS_DIR,
+    check_unique_keys,
+    write_tokenized_shard,
+)
+from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
+from data_pipeline.writer import QUARANTINE_SCHEMA, WORK_DIR, shard_name
+from trainer.config import PreprocessValidateSection
+
+TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+FAULT_ENV = "T2I_TOKENIZE_FAULT"  # "parts:K" or "shards:K": stop the driver after K commits
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fault hook (tests of resume): the driver stops as if killed."""
+
+
+@dataclass
+class _Ctx:
+    cfg: TokenizeConfig
+    out: fs.Location
+    shards: list[str]
+    limits: ReaderLimits
+    log: object
+
+    @property
+    def storage(self) -> dict:
+        return {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+
+
+def _fault(phase: str, commits: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec.split(":")[0] == phase and commits >= int(spec.split(":")[1]):
+        raise InjectedFault(f"tokenize: fault injection after {commits} {phase} commit(s)")
+
+
+def _reader_limits() -> ReaderLimits:
+    v = PreprocessValidateSection()  # clean shards passed these; re-checking costs nothing
+    return ReaderLimits(v.max_member_bytes, v.max_caption_bytes, list(v.image_extensions),
+                        list(v.caption_extensions), list(v.unsafe_extensions))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Models, text tokenizer, plan record
+# --------------------------------------------------------------------------------------------
+
+
+def _captions_task(item: dict, *, limits, endpoint_url, region) -> list[dict]:
+    rows = read_shard_rows(item["uri"], limits, endpoint_url=endpoint_url, region=region)
+    return [{"i": item["i"], C.SEQ: r[C.SEQ], C.CAPTION: r[C.CAPTION]}
+            for r in rows if not r[C.REASON]]  # fmt: skip
+
+
+def _text_tokenizer(ctx: _Ctx) -> TextTokenizer:
+    """Load the one this output already holds, or reuse / build / train it, and store it."""
+    import ray
+
+    t = ctx.cfg.text_tokenizer
+    loc = ctx.out.join(TEXT_TOKENIZER_FILE)
+    if fs.exists(loc):
+        tok = TextTokenizer.load(loc)
+    elif t.path:
+        tok = TextTokenizer.load(t.path)
+    elif t.kind == "open_clip":
+        tok = TextTokenizer.open_clip(t.text_len)
+    else:  # train a BPE on the captions of the first `train_shards` shards, in shard order
+        uris = ctx.shards[: t.train_shards or None]
+        items = [{"i": i, "uri": u} for i, u in enumerate(uris)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+            _captions_task, fn_kwargs={"limits": ctx.limits, **ctx.storage}
+        )
+        rows = sorted(ds.iter_rows(), key=lambda r: (r["i"], r[C.SEQ]))
+        ctx.log(f"tokenize: training a {t.vocab_size}-id BPE on {len(rows)} caption(s)")
+        tok = TextTokenizer.train(
+            [r[C.CAPTION] for r in rows], t.vocab_size, t.text_len, lowercase=t.lowercase
+        )
+    if (tok.kind, tok.text_len) != (t.kind, t.text_len) or (
+        t.kind == "bpe" and tok.vocab_size != t.vocab_size
+    ):
+        raise ValueError(
+            f"text tokenizer {tok!r} does not match text_tokenizer.kind={t.kind}, "
+            f"vocab_size={t.vocab_size}, text_len={t.text_len}"
+        )
+    if not fs.exists(loc):
+        tok.save(loc)
+    return tok
+
+
+def _text_encoder_spec(cfg: TokenizeConfig) -> TextEncoderSpec:
+    from data_pipeline.clip_score import load_model_config_file
+
+    e = cfg.text_encoder
+    return TextEncoderSpec(
+        model=e.model,
+        model_config=load_model_config_file(e.model_config) if e.model_config else None,
+        checkpoint=os.path.abspath(e.checkpoint) if e.checkpoint else "",
+        batch_size=e.batch_size,
+        threads=max(1, int(e.num_cpus)),
+    )
+
+
+def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
+    """What the manifest says about the models (loads the image tokenizer once, on the driver)."""
+    from trainer.models.image_tokenizer import load_image_tokenizer
+
+    cfg = ctx.cfg
+    tok = load_image_tokenizer(cfg.image_tokenizer.path, storage=cfg.storage)
+    want_discrete = cfg.recipe == "ar"
+    if tok.discrete != want_discrete:
+        raise ValueError(
+            f"image_tokenizer.path: {cfg.image_tokenizer.path} is a {tok.kind}, but recipe="
+            f"{cfg.recipe} needs a {'dVAE or VQGAN' if want_discrete else 'KL autoencoder'}"
+        )
+    grid = tok.grid(cfg.image_size)  # raises if image_size is not a multiple of downsample
+    body = {
+        "recipe": cfg.recipe,
+        "image_size": cfg.image_size,
+        "image_tokenizer": tok.describe(),
+        MANIFEST_KEY: {"file": TEXT_TOKENIZER_FILE, **text.describe()},
+        "text_vocab": text.vocab_size,
+        "text_len": text.text_len,
+        "text_pad_id": text.pad_id,
+        "columns": None,  # filled by _finalize
+    }
+    if want_discrete:
+        from data_pipeline.tokenize_stages import code_dtype
+
+        body.update(image_vocab=tok.vocab_size, image_grid=grid,
+                    image_codes_dtype=code_dtype(tok.vocab_size).name)  # fmt: skip
+    else:
+        from data_pipeline.clip_score import open_clip_config
+
+        spec = _text_encoder_spec(cfg)
+        text_cfg = open_clip_config(spec)["text_cfg"]
+        if int(text_cfg.get("context_length", 77)) != text.text_len:
+            raise ValueError(
+                f"text_tokenizer.text_len={text.text_len} but text encoder {spec.model} has "
+                f"context_length={text_cfg.get('context_length', 77)}; set them equal"
+            )
+        body.update(
+            latent_shape=[tok.latent_channels, grid, grid],
+            scaling_factor=tok.scaling_factor,
+            text_embedding_shape=[text.text_len, int(text_cfg["width"])],
+            text_encoder={
+                "model": spec.model,
+                "model_config": spec.model_config,
+                "checkpoint_sha256": fs.file_digest(spec.checkpoint)[1] if spec.checkpoint else "",
+            },
+        )
+    return body
+
+
+def _check_plan(ctx: _Ctx, body: dict) -> None:
+    """Record (or, on a rerun, compare) what this output is being built from."""
+    d = dataclasses.asdict(ctx.cfg)
+    for k in ("output", "storage", "ray", "keep_work", "decode_batch_size"):
+        d.pop(k)
+    for sec in ("image_tokenizer", "text_encoder"):
+        for k in ("concurrency", "num_gpus", "num_cpus"):
+            d[sec].pop(k)
+    plan = {"inputs": ctx.shards, "config": d, "models": body}
+    loc = ctx.out.join(WORK_DIR, "plan.json")
+    data = json.dumps(plan, indent=2, sort_keys=True).encode()
+    if not fs.exists(loc):
+        fs.write_bytes_atomic(loc, data)
+    elif fs.read_bytes(loc) != data:
+        raise ValueError(
+            f"{ctx.out.uri} holds unfinished work from different inputs, settings or models "
+            f"({loc.uri}); use a new output path or delete that one"
+        )
+    else:
+        ctx.log(f"tokenize: resuming unfinished work in {ctx.out.uri}")
+
+
+# --------------------------------------------------------------------------------------------
+# Encode + write
+# --------------------------------------------------------------------------------------------
+
+
+def _committed(ctx: _Ctx) -> tuple[set[int], dict[int, list[str]], dict[int, int], dict[int, int]]:
+    """(shards with markers, parts per shard, committed rows per shard, rows per shard)."""
+    done = {int(os.path.basename(p)[6:11]) for p in fs.list_files(ctx.out.join(DONE_DIR), ".json")}
+    parts: dict[int, list[str]] = {}
+    rows: dict[int, int] = {}
+    total: dict[int, int] = {}
+    for path in fs.list_files(ctx.out.join(PARTS_DIR), ".parquet"):
+        with ctx.out.fs.open_input_file(path) as f:
+            meta = json.loads(pq.read_metadata(f).metadata[PART_META_KEY])
+        for k, n in meta["rows"].items():
+            parts.setdefault(int(k), []).append(path)
+            rows[int(k)] = rows.get(int(k), 0) + n
+            total[int(k)] = meta["shard_rows"][k]
+    return done, parts, rows, total
+
+
+def _skip_list(ctx: _Ctx, paths: list[str], shard_idx: int) -> list[int]:
+    skip = []
+    for path in paths:
+        with ctx.out.fs.open_input_file(path) as f:
+            t = pq.read_table(f, columns=[C.SHARD_IDX, C.SEQ])
+        skip += [q for s, q in zip(t[C.SHARD_IDX].to_pylist(), t[C.SEQ].to_pylist(), strict=True)
+                 if s == shard_idx]  # fmt: skip
+    return skip
+
+
+def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
+    """The streaming Ray Data plan for the shards in `items` (ending in committed parts)."""
+    import ray
+
+    cfg = ctx.cfg
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(read_shard_task, fn_kwargs={"limits": ctx.limits, **ctx.storage})
+    # Decode reserves its worst case (an RGB image at the pixel limit); a different resource
+    # shape also keeps Ray Data from fusing CPU work into the model actors' processes.
+    ds = ds.map_batches(
+        DecodeSquare(cfg.image_size, cfg.max_pixels),
+        batch_size=cfg.decode_batch_size,
+        memory=(512 << 20) + 4 * cfg.max_pixels,  # process baseline + pixels
+    )
+    ds = ds.map_batches(TokenizeText(text.to_bytes()), batch_size=cfg.decode_batch_size)
+    it = cfg.image_tokenizer
+    spec = ImageEncoderSpec(it.path, cfg.storage.endpoint_url, cfg.storage.region,
+                            it.batch_size, max(1, int(it.num_cpus)))  # fmt: skip
+    ds = ds.map_batches(
+        EncodeImages,
+        fn_constructor_args=(spec,),
+        batch_size=it.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=it.concurrency),
+        num_cpus=it.num_cpus,
+        num_gpus=it.num_gpus if has_gpu else 0,
+    )
+    if cfg.recipe == "ldm":
+        e = cfg.text_encoder
+        ds = ds.map_batches(
+            EmbedText,
+            fn_constructor_args=(_text_encoder_spec(cfg),),
+            batch_size=e.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=e.concurrency),
+            num_cpus=e.num_cpus,
+            num_gpus=e.num_gpus if has_gpu else 0,
+        )
+    return ds.map_batches(
+        commit_part,
+        batch_size=max(cfg.decode_batch_size, it.batch_size) * 4,
+        fn_kwargs={"parts_uri": ctx.out.join(PARTS_DIR).uri, **ctx.storage},
+    )
+
+
+def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
+    """Stream pending rows to parts; launch each shard's write as soon as its rows are in."""
+    import ray
+
+    done, parts, rows, total = _committed(ctx)
+    writer = ray.remote(num_cpus=0.5)(write_tokenized_shard)
+    kwargs = {"out_uri": ctx.out.uri, "recipe": ctx.cfg.recipe,
+              "rows_per_shard": ctx.cfg.rows_per_shard, **ctx.storage}  # fmt: skip
+    writes: dict[int, ray.ObjectRef] = {}
+
+    def launch(i: int) -> None:
+        if i not in done and i not in writes and i in total and rows[i] >= total[i]:
+            item = {C.SHARD_IDX: i, C.SOURCE_SHARD: ctx.shards[i], "parts": json.dumps(parts[i])}
+            writes[i] = writer.remote(item, **kwargs)
+
+    for i in list(total):
+        launch(i)
+    pending = [i for i in range(len(ctx.shards)) if i not in done and i not in writes]
+    ctx.log(f"tokenize: {len(ctx.shards)} shard(s): {len(done)} committed, "
+            f"{len(writes)} encoded, {len(pending)} to encode")  # fmt: skip
+    if pending:
+        items = [{C.SHARD_IDX: i, C.SOURCE_SHARD: ctx.shards[i],
+                  "skip": json.dumps(_skip_list(ctx, parts.get(i, []), i))}
+                 for i in pending]  # fmt: skip
+        t0 = last = time.perf_counter()
+        new_rows = commits = 0
+        for r in _build_plan(ctx, items, text).iter_rows():
+            meta = json.loads(r["meta"])
+            for k, n in meta["rows"].items():
+                i = int(k)
+                parts.setdefault(i, []).append(r["part"])
+                rows[i] = rows.get(i, 0) + n
+                total[i] = meta["shard_rows"][k]
+                new_rows += n
+                launch(i)
+            commits += 1
+            if time.perf_counter() - last > 5:
+                last = time.perf_counter()
+                ctx.log(f"tokenize: encoded {new_rows} row(s), {len(writes)}/{len(ctx.shards)} "
+                        f"shard(s) writing/written, {new_rows / (last - t0):.1f} rows/s")  # fmt: skip
+            _fault("parts", commits)
+    for i in range(len(ctx.shards)):
+        if i in total and rows[i] < total[i]:
+            raise RuntimeError(f"tokenize: {ctx.shards[i]}: {rows[i]} of {total[i]} rows encoded")
+        if i not in done and i not in writes:  # the reader found no rows: an empty shard
+            item = {C.SHARD_IDX: i, C.SOURCE_SHARD: ctx.shards[i], "parts": "[]"}
+            writes[i] = writer.remote(item, **kwargs)
+    for n, ref in enumerate(writes.values(), 1):
+        ray.get(ref)
+        _fault("shards", n)
+
+
+def _finalize(ctx: _Ctx, body: dict) -> dict:
+    markers = [json.loads(fs.read_bytes(ctx.out.join(DONE_DIR, f"{shard_name(i)}.json")))
+               for i in range(len(ctx.shards))]  # fmt: skip
+    check_unique_keys(ctx.out, markers)
+    quarantine = [q for m in markers for q in m["quarantine"]]
+    reasons: dict[str, int] = {}
+    for q in quarantine:
+        reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), buf)
+    fs.write_bytes_atomic(ctx.out.join("quarantine.parquet"), buf.getvalue())
+    rows_in = sum(m["rows_in"] for m in markers)
+    rows = sum(m["rows"] for m in markers)
+    if rows != rows_in - len(quarantine):  # each marker checked its shard; this is the sum
+        raise RuntimeError(f"tokenize: {rows} rows written for {rows_in} in - {len(quarantine)}")
+    from data_pipeline.tokenize_writer import output_columns
+
+    body = {
+        **body,
+        "columns": output_columns(ctx.cfg.recipe),
+        "inputs": ctx.shards,
+        "rows": rows,
+        "exactly_once": {
+            "rows_in": rows_in,
+            "quarantined": len(quarantine),
+            "rows": rows,
+            "unique_keys": True,
+        },  # fmt: skip
+        "quarantine": {"file": "quarantine.parquet", "reasons": dict(sorted(reasons.items()))},
+        "shards": [{**f, "source_shard": m["source_shard"]} for m in markers for f in m["files"]],
+    }
+    fmt, version = (T.FORMAT, T.VERSION) if ctx.cfg.recipe == "ar" else (
+        T.LATENT_FORMAT, T.LATENT_VERSION)  # fmt: skip
+    write_manifest(ctx.out, fmt, version, body)
+    if not ctx.cfg.keep_work:
+        ctx.out.fs.delete_dir(ctx.out.join(WORK_DIR).path)
+    return T.read_any_manifest(ctx.out)
+
+
+def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
+    """Run (or resume) the plan; returns the dataset manifest. Needs Ray initialised."""
+    check_config(cfg)
+    out = fs.resolve(cfg.output, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    if fs.exists(out.join(MANIFEST_NAME)):
+        log(f"tokenize: {out.uri} is complete (manifest.json present); nothing to do")
+        return T.read_any_manifest(out)
+    t0 = time.perf_counter()
+    shards = list_shards(cfg.input, **{"endpoint_url": cfg.storage.endpoint_url,
+                                       "region": cfg.storage.region})  # fmt: skip
+    ctx = _Ctx(cfg, out, shards, _reader_limits(), log)
+    fs.ensure_dir(out)
+    log(f"tokenize: recipe={cfg.recipe}: {len(shards)} input shard(s) -> {out.uri}")
+    text = _text_tokenizer(ctx)
+    body = _describe_models(ctx, text)
+    _check_plan(ctx, body)
+    _encode_and_write(ctx, text)
+    manifest = _finalize(ctx, body)
+    log(f"tokenize: done in {time.perf_counter() - t0:.1f}s: {manifest['rows']} row(s) in "
+        f"{len(manifest['shards'])} file(s) -> {out.uri}")  # fmt: skip
+    return manifest

@@ -1,0 +1,85 @@
+"""`TokenizeConfig`: the typed config of `t2i tokenize` (loaded with `trainer.config.load_config`).
+
+t2i tokenize --config jobs/configs/tokenize_digits.yaml image_tokenizer.batch_size=128
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer.config import REQUIRED, ConfigError, RayConfig, StorageConfig
+
+
+@dataclass
+class TextTokenizerSection:
+    """How captions become `text_tokens` (see `data_pipeline.text_tokens`)."""
+
+    kind: Literal["bpe", "open_clip"] = "bpe"  # ldm: open_clip (the text encoder's own ids)
+    vocab_size: int = 1024  # bpe: the model's text vocabulary; ids lie in [0, vocab_size)
+    text_len: int = 16  # ids per caption: truncated, right-padded with 0
+    lowercase: bool = True  # bpe: lowercase captions before training and encoding
+    train_shards: int = 0  # bpe: train on the captions of the first N input shards; 0: all
+    path: str = ""  # reuse this tokenizer file (e.g. another dataset's) instead of building one
+
+
+@dataclass
+class ImageTokenizerSection:
+    """The dVAE / VQGAN (ar) or KL-AE (ldm) that encodes images, run on a Ray actor pool."""
+
+    path: str = REQUIRED  # tokenizer directory, a `t2i train` run, or a `t2i convert` output
+    batch_size: int = 64  # images per forward pass; batches are padded to it (batch-invariant)
+    concurrency: int = 1  # actors in the pool
+    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
+    num_cpus: float = 1.0  # per actor; also its torch thread count (at least 1)
+
+
+@dataclass
+class TextEncoderSection:
+    """recipe=ldm: the open_clip text tower whose per-token states condition the U-Net."""
+
+    model: str = "ViT-B-32"  # open_clip architecture (built-in, or the stem of model_config)
+    model_config: str = ""  # optional open_clip model-config JSON (custom architecture)
+    checkpoint: str = ""  # local open_clip checkpoint; "": random weights (tests, benchmarks)
+    batch_size: int = 64  # captions per forward pass (padded to it)
+    concurrency: int = 1
+    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
+    num_cpus: float = 1.0
+
+
+@dataclass
+class TokenizeConfig:
+    """`t2i tokenize`: clean shards -> token dataset (ar) or latent dataset (ldm)."""
+
+    input: str | list[str] = REQUIRED  # clean shards: dir, shard, glob or a list (local or s3://)
+    output: str = REQUIRED  # dataset dir or s3://bucket/prefix; a rerun resumes what is there
+    recipe: Literal["ar", "ldm"] = "ar"  # ar: BPE + image codes; ldm: latents + text embeddings
+    image_size: int = 256  # images are resized (shorter side) and centre-cropped to this square
+    rows_per_shard: int = 0  # rows per output Parquet file; 0: one file per input shard
+    decode_batch_size: int = 64  # rows per CPU decode task batch
+    max_pixels: int = 89_478_485  # decoded width*height above this quarantines the sample
+    keep_work: bool = False  # keep `_work/` (encoded parts) after success, for debugging
+    text_tokenizer: TextTokenizerSection = field(default_factory=TextTokenizerSection)
+    image_tokenizer: ImageTokenizerSection = field(default_factory=ImageTokenizerSection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def check_config(cfg: TokenizeConfig) -> None:
+    """Cross-field checks, run once after overrides (a half-applied override list may be
+    inconsistent, so these do not live in `__post_init__`)."""
+    if cfg.recipe == "ldm" and cfg.text_tokenizer.kind != "open_clip":
+        raise ConfigError(
+            "text_tokenizer.kind must be open_clip when recipe=ldm (the text encoder reads "
+            "open_clip ids)"
+        )
+    for key in ("image_size", "decode_batch_size", "max_pixels"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.rows_per_shard < 0:
+        raise ConfigError(f"rows_per_shard must be >= 0, got {cfg.rows_per_shard}")
+    for sec in ("image_tokenizer", "text_encoder"):
+        s = getattr(cfg, sec)
+        if s.batch_size < 1 or s.concurrency < 1:
+            raise ConfigError(f"{sec}.batch_size and {sec}.concurrency must be >= 1")

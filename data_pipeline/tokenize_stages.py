@@ -1,0 +1,274 @@
+"""The Ray Data stages of `t2i tokenize`: decode (CPU), text BPE (CPU), image tokenizer and text
+encoder (actor pools), and the part writer.
+
+Stages take and return `dict[str, np.ndarray]` batches keyed by the constants below and in
+`data_pipeline.columns`; their constructor arguments are plain data (specs), so they cross the Ray
+boundary without pickling models or configs.
+
+Determinism: model stages run every forward pass at exactly `batch_size` rows (short batches are
+zero-padded, as in `clip_score.ClipScorer`), with a fixed thread count. A row's result then does not
+depend on which rows share its batch — Ray Data does not fix that between runs — so a resumed run
+encodes every sample bit-identically to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from data_pipeline import columns as C
+from data_pipeline import fs
+from data_pipeline import token_dataset as T
+from data_pipeline.validate import decode_image, resize_center_crop
+
+PART_META_KEY = b"t2i_tokenize_part"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+@dataclass(frozen=True)
+class ImageEncoderSpec:
+    """What an image-tokenizer actor needs (plain data)."""
+
+    path: str  # tokenizer dir / run (local or s3://)
+    endpoint_url: str | None
+    region: str | None
+    batch_size: int  # rows per forward pass (short batches are padded to it)
+    threads: int  # torch threads per actor
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """What a text-encoder actor needs: an open_clip model (see `clip_score.ClipSpec`)."""
+
+    model: str
+    model_config: dict | None
+    checkpoint: str
+    batch_size: int
+    threads: int
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Zero-pad the first axis of `x` to `rows` (fixed-shape forward passes)."""
+    if len(x) >= rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
+
+
+def _device(num_threads: int) -> str:
+    import torch
+
+    torch.set_num_threads(max(1, num_threads))
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# CPU stages
+# --------------------------------------------------------------------------------------------
+
+
+class DecodeSquare:
+    """Image bytes -> `pixels` (S, S, 3) uint8: shorter side to S, centre crop (the same transform
+    as preprocess's CLIP input). A failure quarantines the row (`reason`), never the job."""
+
+    def __init__(self, image_size: int, max_pixels: int):
+        self.size, self.max_pixels = image_size, max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch[C.KEY])
+        reasons = batch[C.REASON].astype(object)
+        details = batch[C.DETAIL].astype(object)
+        pixels = np.zeros((n, self.size, self.size, 3), np.uint8)
+        for i in range(n):
+            if reasons[i]:
+                continue
+            rgb, reason, detail = decode_image(bytes(batch[C.IMAGE][i]), self.max_pixels)
+            if rgb is None:  # no object addresses in the detail: outputs must be reproducible
+                reasons[i], details[i] = reason, _ADDRESS.sub("", detail)
+            else:
+                pixels[i] = resize_center_crop(Image.fromarray(rgb), self.size)
+        out = {k: v for k, v in batch.items() if k not in (C.IMAGE, C.IMAGE_EXT)}
+        out.update({C.REASON: reasons.astype(str), C.DETAIL: details.astype(str), C.PIXELS: pixels})
+        return out
+
+
+class TokenizeText:
+    """Captions -> `text_tokens` (B, text_len) int32 with the dataset's `TextTokenizer`."""
+
+    def __init__(self, tokenizer_json: bytes):
+        from data_pipeline.text_tokens import TextTokenizer
+
+        self.tok = TextTokenizer.from_bytes(tokenizer_json)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions = [str(c) for c in batch[C.CAPTION]]
+        return {**batch, T.TEXT_TOKENS: self.tok.encode(captions)}
+
+
+# --------------------------------------------------------------------------------------------
+# Model stages (actor pools)
+# --------------------------------------------------------------------------------------------
+
+
+def code_dtype(vocab_size: int) -> np.dtype:
+    """int16 when every code fits (K <= 32768), else int32: halves the dataset for common K."""
+    return np.dtype(np.int16) if vocab_size <= 1 << 15 else np.dtype(np.int32)
+
+
+class EncodeImages:
+    """`pixels` -> `image_codes` (B, h*w) row-major (dVAE/VQGAN) or `latent` (B, C*h*w) float16
+    (KL-AE, already scaled). Quarantined rows get zeros (the writer drops them)."""
+
+    def __init__(self, spec: ImageEncoderSpec, tokenizer=None):
+        from trainer.config import StorageConfig
+        from trainer.models.image_tokenizer import load_image_tokenizer
+
+        self.spec = spec
+        self.device = _device(spec.threads)
+        self.tok = tokenizer or load_image_tokenizer(
+            spec.path,
+            storage=StorageConfig(endpoint_url=spec.endpoint_url, region=spec.region),
+            device=self.device,
+        )
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) uint8 -> (B, h*w) codes or (B, C*h*w) float16 latents."""
+        import torch
+
+        b = len(pixels)
+        with torch.inference_mode():
+            x = torch.from_numpy(_pad_rows(np.ascontiguousarray(pixels), self.spec.batch_size))
+            x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S) in [0, 1]
+            out = self.tok.encode(x)[:b].cpu()  # (B, h, w) int64 or (B, C, h, w) float
+        if self.tok.discrete:
+            return out.reshape(b, -1).numpy().astype(code_dtype(self.tok.vocab_size))
+        return out.float().reshape(b, -1).numpy().astype(np.float16)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch[C.PIXELS]
+        ok = np.flatnonzero(batch[C.REASON] == "")
+        column = T.IMAGE_CODES if self.tok.discrete else T.LATENT
+        result = None
+        for start in range(0, len(ok), self.spec.batch_size):
+            idx = ok[start : start + self.spec.batch_size]
+            enc = self.encode(pixels[idx])
+            if result is None:
+                result = np.zeros((len(pixels), enc.shape[1]), enc.dtype)
+            result[idx] = enc
+        if result is None:  # nothing valid in this batch: any width will do, rows are dropped
+            result = np.zeros((len(pixels), 1), np.float16 if column == T.LATENT else np.int16)
+        out = {k: v for k, v in batch.items() if k != C.PIXELS}
+        out[column] = result
+        return out
+
+
+def text_token_states(model, tokens):
+    """open_clip CLIP text tower -> per-token states (B, L, width) after the final LayerNorm:
+    the cross-attention context of latent diffusion (the pooled vector throws positions away)."""
+    if not hasattr(model, "token_embedding"):
+        raise ValueError(
+            f"text_encoder: {type(model).__name__} has no built-in text tower (token_embedding); "
+            f"use an open_clip CLIP architecture"
+        )
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)  # (B, L, W)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    return model.ln_final(x)
+
+
+class EmbedText:
+    """`text_tokens` (open_clip ids) -> `text_embedding` (B, L*D) float16, per-token states."""
+
+    def __init__(self, spec: TextEncoderSpec):
+        from data_pipeline.clip_score import ClipSpec, build_clip
+
+        self.spec = spec
+        self.device = _device(spec.threads)
+        clip_spec = ClipSpec(spec.model, spec.model_config, spec.checkpoint, spec.batch_size, 1)
+        self.model = build_clip(clip_spec, self.device)[0]
+
+    def encode(self, tokens: np.ndarray) -> np.ndarray:
+        import torch
+
+        b = len(tokens)
+        with torch.inference_mode():
+            ids = torch.from_numpy(_pad_rows(tokens.astype(np.int64), self.spec.batch_size))
+            states = text_token_states(self.model, ids.to(self.device))[:b]
+        return states.float().reshape(b, -1).cpu().numpy().astype(np.float16)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = np.asarray(batch[T.TEXT_TOKENS])
+        parts = [
+            self.encode(tokens[s : s + self.spec.batch_size])
+            for s in range(0, len(tokens), self.spec.batch_size)
+        ]
+        return {**batch, T.TEXT_EMBEDDING: np.concatenate(parts)}
+
+
+# --------------------------------------------------------------------------------------------
+# Commit
+# --------------------------------------------------------------------------------------------
+
+# Payload columns and their Arrow types (list columns hold one row's flattened array).
+PAYLOAD_TYPES = {
+    T.TEXT_TOKENS: pa.list_(pa.int32()),
+    T.IMAGE_CODES: None,  # int16 or int32 list: from the batch
+    T.LATENT: pa.list_(pa.float16()),
+    T.TEXT_EMBEDDING: pa.list_(pa.float16()),
+}
+ID_TYPES = {
+    C.SHARD_IDX: pa.int64(),
+    C.SEQ: pa.int64(),
+    C.SHARD_ROWS: pa.int64(),
+    C.KEY: pa.string(),
+    T.CAPTION: pa.string(),
+    C.REASON: pa.string(),
+    C.DETAIL: pa.string(),
+}
+
+
+def list_column(values: np.ndarray, item_type: pa.DataType) -> pa.Array:
+    """(B, N) array -> Arrow list<item_type> without a Python loop."""
+    values = np.ascontiguousarray(values)
+    b, n = values.shape
+    offsets = pa.array(np.arange(0, (b + 1) * n, n, dtype=np.int32) if b else [0], pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=item_type))
+
+
+def batch_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A batch of encoded rows as an Arrow table (identity columns + whichever payloads exist)."""
+    arrays = {
+        name: pa.array(np.asarray(batch[name]).tolist(), type=typ) for name, typ in ID_TYPES.items()
+    }
+    for name in PAYLOAD_TYPES:
+        if name in batch:
+            values = np.asarray(batch[name])
+            arrays[name] = list_column(values, pa.from_numpy_dtype(values.dtype))
+    return pa.table(arrays)
+
+
+def commit_part(batch: dict[str, np.ndarray], *, parts_uri: str, endpoint_url, region) -> dict:
+    """Write a batch as one Parquet part named by the rows it holds (a retried task rewrites the
+    same name); its footer counts rows per shard, so resume needs no data read."""
+    table = batch_table(batch)
+    shard_idx = batch[C.SHARD_IDX].tolist()
+    ident = sorted(zip(shard_idx, batch[C.SEQ].tolist(), strict=True))
+    name = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
+    rows: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for s, total in zip(shard_idx, batch[C.SHARD_ROWS].tolist(), strict=True):
+        rows[str(s)] = rows.get(str(s), 0) + 1
+        totals[str(s)] = total
+    meta = json.dumps({"rows": rows, "shard_rows": totals}).encode()
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({PART_META_KEY: meta}), buf)
+    loc = fs.resolve(parts_uri, endpoint_url=endpoint_url, region=region)
+    fs.write_bytes_atomic(loc.join(f"part-{name}.parquet"), buf.getvalue())
+    return {"part": [loc.join(f"part-{name}.parquet").path], "meta": [meta.decode()]}
