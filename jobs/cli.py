@@ -15,7 +15,16 @@ import sys
 from trainer.config import ConfigError
 
 # Modules that register subcommands, in the order `t2i --help` lists them (the order of the flow).
-COMMAND_MODULES = ("jobs.data", "jobs.preprocess", "jobs.train", "jobs.submit")
+COMMAND_MODULES = (
+    "jobs.data",
+    "jobs.preprocess",
+    "jobs.tokenize",
+    "jobs.train",
+    "jobs.sample",
+    "jobs.eval",
+    "jobs.convert",
+    "jobs.submit",
+)
 
 DESCRIPTION = """\
 Train text-to-image models at cluster scale on Ray.

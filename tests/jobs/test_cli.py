@@ -15,7 +15,16 @@ def subcommands(parser):
 
 def test_command_surface():
     top = subcommands(build_parser())
-    assert list(top) == ["data", "preprocess", "train", "submit"]
+    assert list(top) == [
+        "data",
+        "preprocess",
+        "tokenize",
+        "train",
+        "sample",
+        "eval",
+        "convert",
+        "submit",
+    ]
     assert list(subcommands(top["data"])) == ["digits"]
     digits = subcommands(top["data"])["digits"]
     opts = {s for a in digits._actions for s in a.option_strings}

@@ -1,0 +1,69 @@
+"""`t2i sample`: text prompts -> images from a trained model, CLIP-reranked (a Ray task).
+
+t2i sample --config jobs/configs/sample_digits.yaml [sample.prompts='["the number 7"]' ...]
+python -m jobs.sample --config CFG [key.sub=value ...]    # same; usable with `ray job submit`
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.sample import SampleConfig
+
+
+def register(subparsers) -> None:
+    from jobs.cli import add_config_arguments
+
+    p = subparsers.add_parser(
+        "sample",
+        help="sample images for text prompts (KV cache, top-k/top-p, CLIP rerank)",
+        description=(
+            "Sample sample.candidates images per prompt (sample.prompts or sample.prompts_file) "
+            "from a trained model (recipe 'ar': DALL-E run `model`, text tokenizer of `tokens`, "
+            "codes decoded by `image_tokenizer`), rerank them with the CLIP model in clip.*, and "
+            "write the best sample.keep per prompt to `output` (local or s3://): images/*.png, "
+            "samples.jsonl, grid.png. Runs as one Ray task (num_gpus when the cluster has GPUs)."
+        ),
+    )
+    add_config_arguments(p)
+    p.add_argument("--address", help="Ray cluster address (sets ray.address)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.common import init_ray
+    from trainer.config import load_config
+    from trainer.sample import check_config, sample_on_ray
+
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    cfg = load_config(SampleConfig, args.config, overrides)
+    check_config(cfg)  # before Ray starts: config mistakes answer at once
+    s = cfg.sample
+    print(
+        f"sample: recipe={cfg.recipe} model={cfg.model} candidates={s.candidates} keep={s.keep} "
+        f"temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} seed={s.seed}"
+    )
+    init_ray(cfg.ray, min_cpus=cfg.num_cpus)
+    summary = sample_on_ray(cfg)
+    print(
+        f"sample: {summary['images']} image(s) for {summary['prompts']} prompt(s) from "
+        f"{summary['candidates']} candidates in {summary['sampling_seconds']:.1f}s"
+    )
+    if summary["mean_clip_score_kept"] is not None:
+        print(
+            f"sample: mean CLIP score {summary['mean_clip_score_kept']:.4f} kept, "
+            f"{summary['mean_clip_score_all']:.4f} all candidates"
+        )
+    print(f"sample: output -> {summary['output']} (samples.jsonl, grid.png, images/)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["sample", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
