@@ -1,7 +1,7 @@
 """Throughput of `t2i preprocess` against the model alone and against a naive loop, in one run on
 the same images.
 
-    .venv/bin/python benchmarks/preprocess.py [--model ViT-B-32] [--images 768]
+    .venv/bin/python -m benchmarks.preprocess [--model ViT-B-32] [--images 768]
 
 1. plan: the full Ray Data plan (read + validate + decode/resize on CPU tasks + filters + CLIP on
    the actor pool + threshold + commit + clean-shard writer + stats), dedup off, end to end,

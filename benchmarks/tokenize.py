@@ -1,7 +1,7 @@
 """Throughput of `t2i tokenize` (AR recipe) against the image tokenizer alone, and how its time
 scales with the data, in one run on the same images.
 
-    .venv/bin/python benchmarks/tokenize.py [--images 1024] [--n-hid 64] [--threads 1]
+    .venv/bin/python -m benchmarks.tokenize [--images 1024] [--n-hid 64] [--threads 1]
 
 1. plan: the full Ray Data plan (read + decode/resize on CPU tasks + BPE + dVAE encode on the
    actor pool + part commits + shard writer + manifest), end to end, including BPE training and

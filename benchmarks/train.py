@@ -1,7 +1,7 @@
 """Training engine benchmark: every figure measured side by side in this one run.
 
-    .venv/bin/python benchmarks/train.py            # ~15-25 min on 2 cores (the 1.3B part dominates)
-    .venv/bin/python benchmarks/train.py --skip-1b  # the rest, a few minutes
+    .venv/bin/python -m benchmarks.train            # ~15-25 min on 2 cores (the 1.3B part dominates)
+    .venv/bin/python -m benchmarks.train --skip-1b  # the rest, a few minutes
 
 1. overhead: Ray Train + DeepSpeed (1 worker, all cores, bf16) step time vs a bare single-process
    PyTorch loop (bf16 weights, torch AdamW) on the same 151M DALL-E and batch (goal <= 1.10).
