@@ -16,16 +16,13 @@ from PIL import Image
 
 from data_pipeline import columns as C
 from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
-from trainer.config import PreprocessValidateSection
 
 IMAGE = "image"  # uint8 (S, S, 3)
 CAPTION = "caption"  # str
 
 
 def _read_shard(item: dict, *, endpoint_url, region, size: int, max_pixels: int) -> list[dict]:
-    v = PreprocessValidateSection()  # the preprocess defaults: same per-sample rules
-    limits = ReaderLimits(v.max_member_bytes, v.max_caption_bytes, list(v.image_extensions),
-                          list(v.caption_extensions), list(v.unsafe_extensions))
+    limits = ReaderLimits.of()  # the preprocess defaults: same per-sample rules
     rows = read_shard_rows(item["uri"], limits, endpoint_url=endpoint_url, region=region)
     out = []
     for r in rows:

@@ -444,11 +444,7 @@ def _finalize(ctx: _Ctx, plan: dict) -> dict:
 
 def build_context(cfg: PreprocessConfig, log=print) -> _Ctx:
     out = fs.resolve(cfg.output, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-    v = cfg.validate
-    limits = ReaderLimits(
-        v.max_member_bytes, v.max_caption_bytes, list(v.image_extensions),
-        list(v.caption_extensions), list(v.unsafe_extensions),
-    )  # fmt: skip
+    limits = ReaderLimits.of(cfg.validate)
     spec = None
     if cfg.clip.enabled:
         spec = ClipSpec(

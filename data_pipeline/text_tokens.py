@@ -151,6 +151,25 @@ class TextTokenizer:
             out[:] = self._clip(texts, context_length=self.text_len).numpy()
         return out
 
+    def lengths(self, texts: Sequence[str]) -> list[int]:
+        """Untruncated token counts (open_clip: with its start/end tokens); above `text_len`,
+        `encode` truncates the text."""
+        texts = [str(t) for t in texts]
+        if self.kind == "bpe":
+            return [len(e.ids) for e in self._bpe.encode_batch(texts, add_special_tokens=False)]
+        return [len(self._clip.encode(t)) + 2 for t in texts]
+
+    def truncation_warnings(self, texts: Sequence[str]) -> list[str]:
+        """One line per text that `encode` truncates, naming it and what survives."""
+        lines = []
+        for text, n in zip(texts, self.lengths(texts), strict=True):
+            if n > self.text_len:
+                kept = self.decode(self.encode([text]))[0]
+                lines.append(
+                    f"{text!r} is {n} tokens, text_len is {self.text_len}: the model sees {kept!r}"
+                )
+        return lines
+
     def decode(self, ids: np.ndarray) -> list[str]:
         """Captions back from (N, L) ids, pads (and open_clip's start/end tokens) dropped."""
         rows = np.atleast_2d(np.asarray(ids))

@@ -52,7 +52,6 @@ from data_pipeline.tokenize_writer import (
 )
 from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
 from data_pipeline.writer import QUARANTINE_SCHEMA, WORK_DIR, shard_name
-from trainer.config import PreprocessValidateSection
 
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
 FAULT_ENV = "T2I_TOKENIZE_FAULT"  # "parts:K" or "shards:K": stop the driver after K commits
@@ -79,12 +78,6 @@ def _fault(phase: str, commits: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
     if spec and spec.split(":")[0] == phase and commits >= int(spec.split(":")[1]):
         raise InjectedFault(f"tokenize: fault injection after {commits} {phase} commit(s)")
-
-
-def _reader_limits() -> ReaderLimits:
-    v = PreprocessValidateSection()  # clean shards passed these; re-checking costs nothing
-    return ReaderLimits(v.max_member_bytes, v.max_caption_bytes, list(v.image_extensions),
-                        list(v.caption_extensions), list(v.unsafe_extensions))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +388,7 @@ def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
     t0 = time.perf_counter()
     shards = list_shards(cfg.input, **{"endpoint_url": cfg.storage.endpoint_url,
                                        "region": cfg.storage.region})  # fmt: skip
-    ctx = _Ctx(cfg, out, shards, _reader_limits(), log)
+    ctx = _Ctx(cfg, out, shards, ReaderLimits.of(), log)
     fs.ensure_dir(out)
     log(f"tokenize: recipe={cfg.recipe}: {len(shards)} input shard(s) -> {out.uri}")
     text = _text_tokenizer(ctx)

@@ -93,6 +93,23 @@ class ReaderLimits:
     caption_extensions: list[str]
     unsafe_extensions: list[str]
 
+    @classmethod
+    def of(cls, validate=None) -> ReaderLimits:
+        """From a `PreprocessValidateSection` (default: its defaults, the rules every clean shard
+        passed, so re-checking them downstream costs nothing)."""
+        if validate is None:
+            from trainer.config import PreprocessValidateSection
+
+            validate = PreprocessValidateSection()
+        v = validate
+        return cls(
+            v.max_member_bytes,
+            v.max_caption_bytes,
+            list(v.image_extensions),
+            list(v.caption_extensions),
+            list(v.unsafe_extensions),
+        )
+
 
 @dataclass
 class _Group:

@@ -3,9 +3,11 @@
     data digits (10% wrong captions) -> train CLIP (t2i train, objective=clip)
     -> preprocess (validate, filter by CLIP score, dedup) -> filter precision/recall
     -> train the dVAE (objective=dvae) -> tokenize (BPE + dVAE codes)
-    -> train the KL autoencoder (objective=klae) -> tokenize (latents + CLIP text states)
     -> train the DALL-E transformer on the tokens (objective=dalle)
     -> sample every digit (training and held-out prompt templates), reranked by CLIP -> eval
+
+With `--latents` it also runs the latent-diffusion recipe's stage 1: train the KL autoencoder
+(objective=klae) -> tokenize (latents + CLIP text states).
 
 Every stage writes under one run directory and is skipped when its output is already complete, so
 a second `make demo` reuses finished work.
@@ -102,6 +104,11 @@ def filter_report(preprocessed: Path, truth: dict[str, bool]) -> tuple[float, fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", default="runs/demo", help="everything the demo writes")
+    parser.add_argument(
+        "--latents",
+        action="store_true",
+        help="also train the KL autoencoder and write the latent dataset (LDM recipe, stage 1)",
+    )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     t_start = time.monotonic()
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.digits import MANIFEST_FORMAT, MANIFEST_VERSION, build_digits
     from data_pipeline.manifest import ManifestError, read_manifest
     from jobs.common import init_ray
-    from trainer.config import DigitsConfig, PreprocessConfig, TrainConfig, load_config
+    from trainer.config import DigitsConfig, PreprocessConfig, load_config
 
     def manifest_of(path: Path, fmt: str, version: int):
         try:
@@ -139,14 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         lambda: build_digits(clean_cfg),
     )
     train_dir = run_dir / "train"
-    clip_cfg = load_config(
-        TrainConfig,
-        CONFIGS / "clip_digits.yaml",
-        [
-            f"data.path={clean_dir / 'train'}",
-            f"checkpoint.storage_path={train_dir}",
-            f"clip.model_config={CONFIGS / 'clip_digits_tiny.json'}",
-        ],
+    clip_cfg = train_config(
+        "clip_digits",
+        clean_dir / "train",
+        train_dir,
+        f"clip.model_config={CONFIGS / 'clip_digits_tiny.json'}",
     )
     s = clip_cfg.scaling
     init_ray(clip_cfg.ray, min_cpus=s.num_workers * s.cpus_per_worker + 2)
@@ -204,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     clean_shards = pre_dir / "shards"
 
     # 4. The image tokenizer (DALL-E's dVAE), then the token dataset the transformer trains on.
-    dvae_cfg = load_config(
-        TrainConfig,
-        CONFIGS / "dvae_digits.yaml",
-        [f"data.path={clean_shards}", f"checkpoint.storage_path={train_dir}"],
-    )
+    dvae_cfg = train_config("dvae_digits", clean_shards, train_dir)
     dvae_ckpt = train_stage("train dVAE (image tokenizer)", dvae_cfg, train_dir)
     tokens_dir = run_dir / "tokens"
     tokens = tokenize_stage(
@@ -219,36 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo]   {tokens['rows']} rows, {tokens['image_grid']}x{tokens['image_grid']} codes "
           f"of {tokens['image_vocab']}: {tokens_dir}")  # fmt: skip
 
-    # 5. The latent-diffusion recipe's stage 1: KL autoencoder latents + CLIP text states.
-    klae_cfg = load_config(
-        TrainConfig,
-        CONFIGS / "klae_digits.yaml",
-        [f"data.path={clean_shards}", f"checkpoint.storage_path={train_dir}"],
-    )
-    klae_ckpt = train_stage("train KL autoencoder", klae_cfg, train_dir)
-    latents_dir = run_dir / "latents"
-    latents = tokenize_stage(
-        "tokenize (KL-AE latents + CLIP text states)",
-        CONFIGS / "tokenize_digits_latent.yaml",
-        [
-            f"input={clean_shards}",
-            f"output={latents_dir}",
-            f"image_tokenizer.path={klae_ckpt.path}",
-            f"text_encoder.checkpoint={clip_weights}",
-            f"text_encoder.model_config={CONFIGS / 'clip_digits_tiny.json'}",
-        ],
-    )
-    print(f"[demo]   {latents['rows']} rows, latents {latents['latent_shape']}: {latents_dir}")
-
-    # 6. The DALL-E transformer on the token dataset.
-    dalle_cfg = load_config(
-        TrainConfig,
-        CONFIGS / "dalle_digits.yaml",
-        [f"data.path={tokens_dir}", f"checkpoint.storage_path={train_dir}"],
-    )
+    # 5. The DALL-E transformer on the token dataset.
+    dalle_cfg = train_config("dalle_digits", tokens_dir, train_dir)
     dalle_ckpt = train_stage("train DALL-E", dalle_cfg, train_dir)
 
-    # 7. Sample every digit from training and held-out templates; CLIP keeps the best; eval.
+    # 6. Sample every digit from training and held-out templates; CLIP keeps the best; eval.
     from trainer.evaluate import EvalConfig, eval_on_ray, format_table
     from trainer.sample import SampleConfig, sample_on_ray
 
@@ -294,8 +269,37 @@ def main(argv: list[str] | None = None) -> int:
         f"diversity {div['generated']:.3f} vs real {div['real']:.3f}"
     )
     print(f"[demo] sample grid: {samples_dir / 'grid.png'}")
+    if args.latents:
+        latents_stage(run_dir, train_dir, clean_shards, clip_weights)
     print(f"[demo] total {time.monotonic() - t_start:.0f}s")
     return 0
+
+
+def latents_stage(run_dir: Path, train_dir: Path, clean_shards: Path, clip_weights: Path) -> None:
+    """The latent-diffusion recipe's stage 1 (`--latents`): KL autoencoder + latent dataset."""
+    klae_cfg = train_config("klae_digits", clean_shards, train_dir)
+    klae_ckpt = train_stage("train KL autoencoder", klae_cfg, train_dir)
+    latents_dir = run_dir / "latents"
+    latents = tokenize_stage(
+        "tokenize (KL-AE latents + CLIP text states)",
+        CONFIGS / "tokenize_digits_latent.yaml",
+        [
+            f"input={clean_shards}",
+            f"output={latents_dir}",
+            f"image_tokenizer.path={klae_ckpt.path}",
+            f"text_encoder.checkpoint={clip_weights}",
+            f"text_encoder.model_config={CONFIGS / 'clip_digits_tiny.json'}",
+        ],
+    )
+    print(f"[demo]   {latents['rows']} rows, latents {latents['latent_shape']}: {latents_dir}")
+
+
+def train_config(name: str, data: Path, train_dir: Path, *overrides: str):
+    """jobs/configs/<name>.yaml reading `data`, its run under `train_dir`."""
+    from trainer.config import TrainConfig, load_config
+
+    base = [f"data.path={data}", f"checkpoint.storage_path={train_dir}"]
+    return load_config(TrainConfig, CONFIGS / f"{name}.yaml", [*base, *overrides])
 
 
 def train_stage(name: str, cfg, train_dir: Path):

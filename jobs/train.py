@@ -42,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     )
     s = cfg.scaling
     # Each worker reserves its CPUs; leave 2 for Ray Data's tasks that feed them.
-    init_ray(cfg.ray, runtime_env={"env_vars": worker_env()},
-             min_cpus=s.num_workers * s.cpus_per_worker + 2)
+    init_ray(
+        cfg.ray,
+        runtime_env={"env_vars": worker_env()},
+        min_cpus=s.num_workers * s.cpus_per_worker + 2,
+    )
     result = fit(cfg)
     if result.error:
         print(f"train: failed: {result.error}", file=sys.stderr)

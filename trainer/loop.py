@@ -49,6 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(TrainConfig, config["cfg"], source="train_loop_per_worker")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.scaling.use_gpu:  # CPU ranks compute with the cores they reserved, no more
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
 
     objective = build_objective(cfg)

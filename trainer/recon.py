@@ -58,6 +58,16 @@ def pixels_to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of images (N, C, S, S) in [0, 1] (e.g. originals over reconstructions) -> one uint8
+    (rows*S, N*S, 3) picture; 1-channel images are shown as gray."""
+    lines = [torch.cat(list(r.detach().float().cpu().clamp(0, 1)), dim=2) for r in rows]
+    pic = torch.cat(lines, dim=1)  # (C, rows*S, N*S)
+    if pic.shape[0] == 1:
+        pic = pic.expand(3, -1, -1)
+    return (pic[:3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
 def reconstruct(
     tokenizer, images: np.ndarray | torch.Tensor, *, batch_size: int = 64
 ) -> torch.Tensor:

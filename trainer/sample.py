@@ -340,6 +340,8 @@ def generate_ar(cfg: SampleConfig, prompts: list[str], device: str, log=print) -
     model, text_tok, image_tok = load_ar_models(cfg, device)
     m = model.cfg
     n_prompts, n_cand, grid = len(prompts), s.candidates, m.image_grid
+    for line in text_tok.truncation_warnings(prompts):
+        log(f"warning: prompt {line}")
     text = torch.from_numpy(text_tok.encode(prompts).astype(np.int64)).to(device)  # (P, T)
     rows = [(p, c) for p in range(n_prompts) for c in range(n_cand)]
     seeds = np.array(

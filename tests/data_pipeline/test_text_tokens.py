@@ -63,6 +63,18 @@ def test_encode_pads_and_truncates(bpe):
     assert (bpe.encode([long[:40]])[0, :4] == ids[1, :4]).all()
 
 
+def test_lengths_and_truncation_warnings(bpe):
+    short, long = "the number 7", " ".join(["a photo of the digit seven"] * 3)
+    n_short, n_long = bpe.lengths([short, long])
+    assert n_short == int((bpe.encode([short]) != PAD_ID).sum()) and n_long > bpe.text_len
+    (line,) = bpe.truncation_warnings([short, long])  # only the long one
+    kept = bpe.decode(bpe.encode([long]))[0]
+    assert repr(long) in line and f"{n_long} tokens" in line and repr(kept) in line
+    clip = TextTokenizer.open_clip(text_len=8)
+    assert clip.lengths(["two", "a b c d e f g"]) == [3, 9]  # + start/end tokens
+    assert len(clip.truncation_warnings(["two", "a b c d e f g"])) == 1
+
+
 def test_ids_in_range_for_any_text(bpe):
     ids = bpe.encode(["ÜNÎCØDÉ ✓ 数字 seven", "\x00\t\n", "zzzz qqqq 12345"])
     assert ids.min() >= 0 and ids.max() < bpe.vocab_size

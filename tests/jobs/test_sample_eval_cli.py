@@ -41,7 +41,8 @@ def test_sample_and_eval_are_commands():
 
 
 def test_sample_config_errors_are_one_line(capsys):
-    args = ["sample", "--config", "jobs/configs/sample_digits.yaml", "sample.keep=9"]
+    config = ["sample", "--config", "jobs/configs/sample_digits.yaml"]
+    args = [*config, "sample.candidates=8", "sample.keep=9"]  # refused before anything runs
     assert main(args) == 2
     assert "sample.keep must be in [1, sample.candidates=8]" in capsys.readouterr().err
 

@@ -24,19 +24,37 @@ def ray_head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
     token = temp / "auth_token"  # this cluster's own token, as an operator would provision it
     token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+    }
     gcs, dash = free_port(), free_port()
     # --block keeps this node's processes tied to one Popen: stopping it stops only this cluster
     # (`ray stop` would also kill the session's shared local Ray instance).
     head = subprocess.Popen(
-        [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3",
-         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-         # Its own agent ports: the session's local Ray instance already holds the defaults.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         "--disable-usage-stats", "--include-dashboard=true"],
-        env=env, stdout=open(temp / "head.log", "wb"), stderr=subprocess.STDOUT,
+        [
+            str(bindir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=3",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={temp}",
+            # Its own agent ports: the session's local Ray instance already holds the defaults.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=open(temp / "head.log", "wb"),
+        stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 180
@@ -62,10 +80,26 @@ def test_submit_runs_a_t2i_command_on_the_cluster(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "digits"
     r = subprocess.run(
-        [str(Path(sys.executable).with_name("t2i")), "submit", "--address", address,
-         "--working-dir", str(REPO), "--", "data", "digits", "--out", str(out),
-         "image_size=8", "photos=0"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            str(Path(sys.executable).with_name("t2i")),
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "data",
+            "digits",
+            "--out",
+            str(out),
+            "image_size=8",
+            "photos=0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCEEDED" in r.stdout and "data: done" in r.stdout  # the job's own log, streamed
@@ -76,12 +110,29 @@ def test_submit_train_runs_on_the_cluster(ray_head, tmp_path):
     """`t2i train` on a running cluster (not the test's local instance), through the Jobs API."""
     address, env = ray_head
     r = subprocess.run(
-        [str(Path(sys.executable).with_name("t2i")), "submit", "--address", address,
-         "--working-dir", str(REPO), "--", "train", "--config", "jobs/configs/dalle_tiny.yaml",
-         "name=submitted", f"checkpoint.storage_path={tmp_path}", "steps=2", "log_every=1",
-         "scaling.num_workers=1", "checkpoint.export_weights=false"],
+        [
+            str(Path(sys.executable).with_name("t2i")),
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "train",
+            "--config",
+            "jobs/configs/dalle_tiny.yaml",
+            "name=submitted",
+            f"checkpoint.storage_path={tmp_path}",
+            "steps=2",
+            "log_every=1",
+            "scaling.num_workers=1",
+            "checkpoint.export_weights=false",
+        ],
         env={**env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "DS_ACCELERATOR": "cpu"},
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "train: done" in r.stdout and "SUCCEEDED" in r.stdout

@@ -15,6 +15,7 @@ from trainer.models.dalle import (
     DalleConfig,
     DalleTransformer,
     compute_dalle_loss,
+    corrupt_text,
     dalle_preset,
 )
 
@@ -319,3 +320,53 @@ def test_a_few_steps_learn_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
     # chance level at init: log(vocab) for both heads
     assert abs(losses[0] - F.cross_entropy(torch.zeros(1, 64), torch.zeros(1).long())) < 0.5
+
+
+# ---- caption noise ------------------------------------------------------------------------------
+
+
+def _captions(pad: int = 0) -> torch.Tensor:
+    rows = [[5, 6, 7], [9], list(range(1, 9)), [], [3, 3]]
+    return torch.tensor([r + [pad] * (8 - len(r)) for r in rows])
+
+
+@pytest.mark.parametrize("pad", [0, 4])
+def test_corrupt_text_insert_keeps_caption_order_and_padding(pad):
+    text = _captions(pad)
+    torch.manual_seed(0)
+    grew = 0
+    for _ in range(50):
+        out = corrupt_text(text, pad_id=pad, vocab=64, insert_p=1.0, replace_p=0.0)
+        assert out.shape == text.shape and out.dtype == text.dtype
+        for before, after in zip(text.tolist(), out.tolist(), strict=True):
+            own = [t for t in before if t != pad]
+            n = sum(t != pad for t in after)
+            assert after[n:] == [pad] * (8 - n)  # still right-padded, no pad inside
+            it = iter(after[:n])
+            assert all(t in it for t in own)  # the caption is a subsequence, in order
+            assert all(0 <= t < 64 for t in after)
+            if len(own) < 8:
+                assert n > len(own)  # insert_p=1: every caption with room gets noise
+            grew += n - len(own)
+    assert grew > 50  # k ~ U{1..free}, not always 1
+
+
+def test_corrupt_text_replace_and_identity():
+    text = _captions()
+    assert corrupt_text(text, pad_id=0, vocab=64, insert_p=0.0, replace_p=0.0) is text
+    torch.manual_seed(1)
+    out = corrupt_text(text, pad_id=0, vocab=64, insert_p=0.0, replace_p=1.0)
+    assert torch.equal(out == 0, text == 0)  # pads stay, tokens never become pad
+    assert (out != text)[text != 0].float().mean() > 0.9  # (a random id may equal the old one)
+    torch.manual_seed(1)
+    assert torch.equal(corrupt_text(text, pad_id=0, vocab=64, insert_p=0.0, replace_p=1.0), out)
+    torch.manual_seed(2)
+    half = corrupt_text(text, pad_id=0, vocab=64, insert_p=0.0, replace_p=0.5)
+    assert 0 < int(((half != text) & (text != 0)).sum()) < int((text != 0).sum())
+
+
+def test_caption_noise_probabilities_are_checked():
+    with pytest.raises(ValueError, match="text_insert_p"):
+        tiny(text_insert_p=1.5)
+    with pytest.raises(ValueError, match="text_replace_p"):
+        tiny(text_replace_p=-0.1)

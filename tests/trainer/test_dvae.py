@@ -23,7 +23,8 @@ from trainer.models.dvae import (
     map_pixels,
     unmap_pixels,
 )
-from trainer.objectives.dvae import compute_gumbel_tau, compute_kl_weight, image_grid
+from trainer.objectives.dvae import compute_gumbel_tau, compute_kl_weight
+from trainer.recon import image_grid
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(n_hid=16, n_blk_per_group=1, n_init=16, vocab_size=64)

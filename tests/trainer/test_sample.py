@@ -13,7 +13,13 @@ import torch
 from PIL import Image
 
 from data_pipeline import fs
-from tests.trainer.sample_fixtures import DIGIT_PROMPTS, GRID, make_dvae, make_sample_inputs
+from tests.trainer.sample_fixtures import (
+    DIGIT_PROMPTS,
+    GRID,
+    TEXT_LEN,
+    make_dvae,
+    make_sample_inputs,
+)
 from trainer.config import load_config
 from trainer.models.dalle import DalleTransformer, dalle_preset
 from trainer.sample import (
@@ -149,6 +155,16 @@ def test_fixed_seed_reproduces_codes_and_images(one_thread, inputs, tmp_path):
     reseeded = replace(cfg, sample=replace(cfg.sample, seed=1))
     c = generate_ar(reseeded, prompts, "cpu", log=lambda *_: None)
     assert not np.array_equal(a.codes, c.codes) and not np.array_equal(a.images, c.images)
+
+
+def test_a_truncated_prompt_is_warned_about(one_thread, inputs, tmp_path):
+    long = "someone wrote the number seven and then the number eight"
+    prompts = json.dumps(["the number 7", long])
+    cfg = make_cfg(inputs, tmp_path, f"sample.prompts={prompts}", "sample.candidates=1")
+    lines: list[str] = []
+    generate_ar(cfg, read_prompts(cfg), "cpu", log=lines.append)
+    (warned,) = [line for line in lines if line.startswith("warning: prompt")]
+    assert repr(long) in warned and f"text_len is {TEXT_LEN}" in warned
 
 
 def test_run_sample_writes_reranked_images_jsonl_and_grid(one_thread, inputs, tmp_path):

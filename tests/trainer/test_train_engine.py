@@ -67,8 +67,16 @@ def test_zero_stage_trains_and_loss_falls(ray_local, tmp_path, stage):
 
 def test_worker_killed_resumes_exactly_on_s3(ray_local, tmp_path, s3_bucket):
     """A worker dies after step 6 (first attempt only); Ray restarts the group, which resumes
-    from the step-4 checkpoint on S3 and ends with the same weights as an uninterrupted run."""
-    common = ("steps=10", "log_every=2", "checkpoint.every_steps=4", "checkpoint.keep=0")
+    from the step-4 checkpoint on S3 and ends with the same weights as an uninterrupted run.
+    Caption noise is on: its random draws must resume exactly too."""
+    common = (
+        "steps=10",
+        "log_every=2",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep=0",
+        "dalle.text_insert_p=0.5",
+        "dalle.text_replace_p=0.2",
+    )
     _, clean = train(str(tmp_path / "clean"), "run", *common)
 
     storage = f"s3://{s3_bucket}/ckpts"

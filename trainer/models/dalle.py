@@ -53,6 +53,8 @@ class DalleConfig:
     dropout: float = 0.0  # embedding, attention-probability and residual dropout
     attn_pattern: Literal["full", "dalle", "row", "col", "conv"] = "dalle"  # see attention_schedule
     conv_kernel: int = 3  # odd side of the conv-attention window (DALL-E: 11; 3-5 for small grids)
+    text_insert_p: float = 0.0  # training: chance a caption gets random tokens inserted (see below)
+    text_replace_p: float = 0.0  # training: chance each caption token is replaced by a random id
     text_loss_weight: float = 1 / 8  # weight of the text cross-entropy (DALL-E: 1/8)
     image_loss_weight: float = 7 / 8  # weight of the image cross-entropy (DALL-E: 7/8)
     attn_impl: Literal["auto", "sdpa", "matmul"] = "auto"  # auto: matmul on CPU, SDPA elsewhere
@@ -90,6 +92,9 @@ class DalleConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DalleConfig.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("text_insert_p", "text_replace_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"DalleConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("text_loss_weight", "image_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DalleConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -132,7 +137,7 @@ PRESETS: dict[str, dict] = {
     # row/column schedule cannot connect every earlier cell of the image to the next one.
     "digits": dict(
         text_vocab=1024,
-        text_len=16,
+        text_len=24,
         image_vocab=512,
         image_grid=8,
         dim=128,
@@ -431,3 +436,48 @@ def compute_dalle_loss(
     loss_image = F.cross_entropy(image_logits.flatten(0, 1).float(), image.flatten().long())
     loss = text_weight * loss_text + image_weight * loss_image
     return loss, {"loss_text": loss_text.detach(), "loss_image": loss_image.detach()}
+
+
+def corrupt_text(
+    text: torch.Tensor, *, pad_id: int, vocab: int, insert_p: float, replace_p: float
+) -> torch.Tensor:
+    """Training-time caption noise: (B, T) dataset ids -> (B, T) ids, same pad convention.
+
+    Small caption sets (the digits demo has six templates) teach a transformer to read exact token
+    sequences; a prompt phrased differently (unseen words, the digit at a later position) then
+    reads as noise. Two corruptions make the image depend on the caption's content tokens wherever
+    they sit among tokens it cannot use:
+    - insert: with probability `insert_p` a caption gets k ~ U{1..free slots} random ids inserted
+      at random positions (its own tokens keep their order);
+    - replace: each caption token becomes a random id with probability `replace_p`.
+    Random ids are uniform over [0, vocab) without `pad_id`. Draws use the CPU generator (which
+    checkpoints restore), so a resumed run corrupts exactly as the uninterrupted one.
+    """
+    if insert_p == 0 and replace_p == 0:
+        return text
+    device, text = text.device, text.cpu()
+    B, T = text.shape
+
+    def random_ids(*shape: int) -> torch.Tensor:
+        ids = torch.randint(0, vocab - 1, shape, dtype=text.dtype)
+        return ids + (ids >= pad_id).to(ids.dtype)  # skip pad_id
+
+    is_tok = text != pad_id  # (B, T)
+    if replace_p > 0:
+        text = torch.where(is_tok & (torch.rand(B, T) < replace_p), random_ids(B, T), text)
+    if insert_p > 0:
+        n = is_tok.sum(1)  # (B,) tokens per caption
+        free = T - n
+        k = (torch.rand(B) * free).long() + 1  # 1..free
+        k = torch.where((torch.rand(B) < insert_p) & (free > 0), k, 0)
+        pos = torch.arange(T)
+        inside = pos < (n + k)[:, None]  # (B, T) slots the corrupted caption occupies
+        keys = torch.where(inside, torch.rand(B, T), 2.0)
+        rank = keys.argsort(1).argsort(1)  # rank of each slot's key within its row
+        own = rank < n[:, None]  # n random slots among the occupied ones hold the caption
+        out = torch.full_like(text, pad_id)
+        out[own] = text[is_tok]  # row-major on both sides: each caption keeps its order
+        noise = inside & ~own
+        out[noise] = random_ids(int(noise.sum()))
+        text = out
+    return text.to(device)

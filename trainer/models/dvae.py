@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer
+from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer, load_strict
 
 LOGIT_LAPLACE_EPS = 0.1  # OpenAI's `dall_e.utils.logit_laplace_eps`
 
@@ -359,7 +359,7 @@ class DvaeTokenizer(ImageTokenizer):
     @classmethod
     def from_state(cls, cfg: DvaeConfig, state_dict: dict[str, torch.Tensor]) -> DvaeTokenizer:
         tok = cls(cfg)
-        load_strict(tok, state_dict, what="dvae")
+        load_strict(tok, state_dict, what="dvae", layout="dVAE")
         return tok
 
     @torch.no_grad()
@@ -393,28 +393,6 @@ class DvaeTokenizer(ImageTokenizer):
                 f"[{int(codes.min())}, {int(codes.max())}]"
             )
         return reconstruct(self.decoder.forward_codes(codes.long()), self.cfg.channels)
-
-
-def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str) -> None:
-    """`load_state_dict(strict=True)` with an error naming the first missing/unexpected key (in
-    the module's own order) or the first shape mismatch, instead of torch's wall of keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
-        if unexpected:
-            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-        raise ValueError(f"{what}: state dict does not match the dVAE layout: {'; '.join(parts)}")
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise ValueError(
-                f"{what}: {k!r} has shape {tuple(state_dict[k].shape)}, the layout expects "
-                f"{tuple(v.shape)}"
-            )
-    module.load_state_dict(state_dict, strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,8 +498,8 @@ def convert_openai_dvae(
     dec = _read_state_dict(decoder_path, storage)
     cfg = infer_openai_dvae_config(enc, dec, encoder_path, decoder_path)
     tok = DvaeTokenizer(cfg)
-    load_strict(tok.encoder, enc, what=encoder_path)
-    load_strict(tok.decoder, dec, what=decoder_path)
+    load_strict(tok.encoder, enc, what=encoder_path, layout="dVAE")
+    load_strict(tok.decoder, dec, what=decoder_path, layout="dVAE")
     state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
     storage = storage or StorageConfig()
     out = fs.resolve(out_dir, endpoint_url=storage.endpoint_url, region=storage.region)

@@ -36,6 +36,33 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 
 
+def load_strict(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str, layout: str
+) -> None:
+    """`load_state_dict(strict=True)` with an error naming the first missing/unexpected key (in
+    the module's own order) or the first shape mismatch, instead of torch's wall of keys.
+    `what` names the source (a file, a run), `layout` the expected one ("dVAE", "VQGAN", ...)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
+        if unexpected:
+            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise ValueError(
+            f"{what}: state dict does not match the {layout} layout: {'; '.join(parts)}"
+        )
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{what}: {k!r} has shape {tuple(state_dict[k].shape)}, the layout expects "
+                f"{tuple(v.shape)}"
+            )
+    module.load_state_dict(state_dict, strict=True)
+
+
 class ImageTokenizer(nn.Module):
     """Base of the image tokenizers: `encode` images in [0, 1], `decode` back to [0, 1]."""
 

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from trainer.models.image_tokenizer import ImageTokenizer
+from trainer.models.image_tokenizer import ImageTokenizer, load_strict
 
 SCALE_KEY = "scaling_factor"  # extra tensor in our model.safetensors: the latent scaling factor
 DIFFUSERS_CONFIG = "config.json"  # a diffusers model directory (e.g. SD's `vae/` folder)
@@ -245,7 +245,7 @@ class KlaeTokenizer(ImageTokenizer):
             )
         scale = float(state.pop(SCALE_KEY))
         tok = cls(cfg, scaling_factor=scale)
-        load_strict(tok, state, what="klae")
+        load_strict(tok, state, what="klae", layout="AutoencoderKL")
         return tok
 
     @classmethod
@@ -255,7 +255,7 @@ class KlaeTokenizer(ImageTokenizer):
         """A diffusers `AutoencoderKL` (config.json dict + its state dict), e.g. SD's `vae/`."""
         cfg, scale, shift = config_from_diffusers(config, source=source)
         tok = cls(cfg, scaling_factor=scale, shift_factor=shift)
-        load_strict(tok, state_dict, what=source)
+        load_strict(tok, state_dict, what=source, layout="AutoencoderKL")
         return tok
 
     def _moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,27 +294,3 @@ class KlaeTokenizer(ImageTokenizer):
         if self.shift_factor:
             out["shift_factor"] = self.shift_factor
         return out
-
-
-def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str) -> None:
-    """`load_state_dict(strict=True)`, erroring on the first missing / unexpected key or shape
-    mismatch by name instead of torch's wall of keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
-        if unexpected:
-            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-        raise ValueError(
-            f"{what}: state dict does not match the AutoencoderKL layout: {'; '.join(parts)}"
-        )
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise ValueError(
-                f"{what}: {k!r} has shape {tuple(state_dict[k].shape)}, the layout expects "
-                f"{tuple(v.shape)}"
-            )
-    module.load_state_dict(state_dict, strict=True)

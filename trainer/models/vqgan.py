@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer
+from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer, load_strict
 from trainer.models.taming_modules import Decoder, Encoder
 
 LOSS_PREFIX = "loss."  # taming's loss module: `loss.discriminator.*`, `loss.perceptual_loss.*`
@@ -288,28 +288,6 @@ def read_init_state(path: str) -> dict[str, torch.Tensor]:
     return load(fs.read_bytes(loc))
 
 
-def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str) -> None:
-    """`load_state_dict(strict=True)` with an error naming the first missing/unexpected key (in
-    the module's own order) or the first shape mismatch, instead of torch's wall of keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
-        if unexpected:
-            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-        raise ValueError(f"{what}: state dict does not match the VQGAN layout: {'; '.join(parts)}")
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise ValueError(
-                f"{what}: {k!r} has shape {tuple(state_dict[k].shape)}, the layout expects "
-                f"{tuple(v.shape)}"
-            )
-    module.load_state_dict(state_dict, strict=True)
-
-
 class VqganTokenizer(ImageTokenizer, Vqgan):
     """Inference: images in [0, 1] -> int64 codes, codes -> images in [0, 1]. It is a `Vqgan`
     (same modules, so the same taming keys) with the tokenizer API on top."""
@@ -326,7 +304,7 @@ class VqganTokenizer(ImageTokenizer, Vqgan):
     def from_state(cls, cfg: VqganConfig, state_dict: dict[str, torch.Tensor]) -> VqganTokenizer:
         """Strict load of the autoencoder keys; taming's `loss.*` keys are ignored."""
         tok = cls(cfg)
-        load_strict(tok, autoencoder_state(state_dict), what="vqgan")
+        load_strict(tok, autoencoder_state(state_dict), what="vqgan", layout="VQGAN")
         return tok
 
     @torch.no_grad()
@@ -452,14 +430,14 @@ def convert_taming_vqgan(
     sd = read_taming_state_dict(ckpt_path)
     cfg = config_from_taming_yaml(config_path)
     tok = VqganTokenizer(cfg)
-    load_strict(tok, autoencoder_state(sd), what=ckpt_path)
+    load_strict(tok, autoencoder_state(sd), what=ckpt_path, layout="VQGAN")
     state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
     if keep_loss:
         from trainer.models.discriminator import DISC_PREFIX, NLayerDiscriminator
 
         disc = NLayerDiscriminator(cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers)
         disc_sd = {k[len(DISC_PREFIX) :]: v for k, v in sd.items() if k.startswith(DISC_PREFIX)}
-        load_strict(disc, disc_sd, what=f"{ckpt_path} ({DISC_PREFIX}*)")
+        load_strict(disc, disc_sd, what=f"{ckpt_path} ({DISC_PREFIX}*)", layout="VQGAN")
         state.update({DISC_PREFIX + k: v.detach().contiguous() for k, v in disc_sd.items()})
     out = fs.resolve(out_dir)
     weights = save(state, metadata={"objective": "vqgan", "source": "taming-vqgan"})

@@ -13,7 +13,7 @@ from data_pipeline.token_dataset import (
 )
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
-from trainer.models.dalle import DalleTransformer, compute_dalle_loss
+from trainer.models.dalle import DalleTransformer, compute_dalle_loss, corrupt_text
 
 
 class DalleObjective:
@@ -57,14 +57,23 @@ class DalleObjective:
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         text, image = batch[TEXT_TOKENS].long(), batch[IMAGE_CODES].long()
+        m = self.model_cfg
+        if engine.module.training:
+            text = corrupt_text(
+                text,
+                pad_id=m.text_pad_id,
+                vocab=m.text_vocab,
+                insert_p=m.text_insert_p,
+                replace_p=m.text_replace_p,
+            )
         text_logits, image_logits = engine(text, image)
         return compute_dalle_loss(
             text_logits,
             image_logits,
             engine.module.internal_text(text),
             image,
-            text_weight=self.model_cfg.text_loss_weight,
-            image_weight=self.model_cfg.image_loss_weight,
+            text_weight=m.text_loss_weight,
+            image_weight=m.image_loss_weight,
         )
 
     def tokens_in_batch(self, batch) -> int:

@@ -28,6 +28,7 @@ from trainer.models.dvae import (
     map_pixels,
     reconstruct,
 )
+from trainer.recon import image_grid
 
 LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`
 
@@ -45,15 +46,6 @@ def compute_kl_weight(step: int, *, weight: float, warmup_steps: int) -> float:
     if warmup_steps <= 0 or step >= warmup_steps:
         return weight
     return weight * 0.5 * (1.0 - math.cos(math.pi * step / warmup_steps))
-
-
-def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
-    """Rows of images (N, C, S, S) in [0, 1] -> one uint8 (rows*S, N*S, 3) picture."""
-    lines = [torch.cat(list(r.float().clamp(0, 1)), dim=2) for r in rows]  # each (C, S, N*S)
-    pic = torch.cat(lines, dim=1)  # (C, rows*S, N*S)
-    if pic.shape[0] == 1:
-        pic = pic.expand(3, -1, -1)
-    return (pic[:3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
 class DvaeObjective:

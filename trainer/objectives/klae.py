@@ -20,7 +20,7 @@ from data_pipeline.image_text import IMAGE, image_text_dataset
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
 from trainer.models.klae import SCALE_KEY, Klae, KlaeConfig, compute_kl, compute_scaling_factor
-from trainer.recon import pixels_to_unit
+from trainer.recon import image_grid, pixels_to_unit
 
 GRID_IMAGES = 8  # originals over reconstructions in the logged PNG grid
 
@@ -46,13 +46,6 @@ def compute_recon_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) -> 
     if kind == "mse":
         return F.mse_loss(recon.float(), target.float())
     raise ValueError(f"klae.recon_loss must be 'l1' or 'mse', got {kind!r}")
-
-
-def image_grid(top: torch.Tensor, bottom: torch.Tensor) -> np.ndarray:
-    """Two rows of images (N, 3, H, W) in [0, 1] -> one uint8 (2H, N*W, 3) picture."""
-    rows = [torch.cat(list(t.clamp(0, 1)), dim=2) for t in (top, bottom)]  # each (3, H, N*W)
-    grid = torch.cat(rows, dim=1).permute(1, 2, 0)  # (2H, N*W, 3)
-    return (grid.float().mul(255.0).round()).to(torch.uint8).cpu().numpy()
 
 
 class KlaeObjective:
@@ -135,7 +128,7 @@ class KlaeObjective:
         x = pixels_to_unit(images)
         mean, _ = engine.module.moments(x)
         recon = (engine.module.decode_latents(mean).float().clamp(-1, 1) + 1.0) / 2.0
-        return {"recon": image_grid(x, recon)}
+        return {"recon": image_grid([x, recon])}
 
     def tokens_in_batch(self, batch) -> int:
         """Latent positions (h * w per image): the autoencoder's code budget."""

@@ -45,18 +45,10 @@ from trainer.models.vqgan import (
     to_image_range,
     to_model_range,
 )
+from trainer.recon import image_grid
 
 DISC = "discriminator"
 LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`
-
-
-def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
-    """Rows of images (N, C, S, S) in [0, 1] -> one uint8 (rows*S, N*S, 3) picture."""
-    lines = [torch.cat(list(r.float().clamp(0, 1)), dim=2) for r in rows]  # each (C, S, N*S)
-    pic = torch.cat(lines, dim=1)  # (C, rows*S, N*S)
-    if pic.shape[0] == 1:
-        pic = pic.expand(3, -1, -1)
-    return (pic[:3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
 def _dtype(engine) -> torch.dtype:
@@ -92,12 +84,14 @@ class VqganObjective:
         disc = NLayerDiscriminator(m.disc_in_channels, m.disc_ndf, m.disc_num_layers)
         if m.init_from:
             state = read_init_state(m.init_from)
-            load_strict(model, autoencoder_state(state), what=m.init_from)
+            load_strict(model, autoencoder_state(state), what=m.init_from, layout="VQGAN")
             disc_state = {
                 k[len(DISC_PREFIX) :]: v for k, v in state.items() if k.startswith(DISC_PREFIX)
             }
             if disc_state:
-                load_strict(disc, disc_state, what=f"{m.init_from} ({DISC_PREFIX}*)")
+                load_strict(
+                    disc, disc_state, what=f"{m.init_from} ({DISC_PREFIX}*)", layout="VQGAN"
+                )
         # fwd + bwd ~ 3x the autoencoder's forward FLOPs, spread over the code cells (the
         # discriminator's share is left out: it is off for most of a run's early steps).
         self._flops_per_token = 3.0 * model.flops_per_image() / self.cells
