@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN_DIR ?= runs/demo
+# e.g. DEMO_ARGS=--latents: also the latent-diffusion recipe's KL-AE stage
+DEMO_ARGS ?=
 
 # Compiled DeepSpeed ops and Ray state stay inside the checkout, shared by runs and tests.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 	@echo "setup: .venv ready"
 
 demo: setup
-	$(PY) -m jobs.demo --run-dir $(RUN_DIR)
+	$(PY) -m jobs.demo --run-dir $(RUN_DIR) $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests
