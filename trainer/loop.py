@@ -59,8 +59,10 @@ def train_loop_per_worker(config: dict) -> None:
     parts = list(engines)
     optimizers = {p: part_optimizer(cfg, objective, p) for p in parts}
     run = run_location(cfg)
+    # Per-rank stream for dropout and caption noise; a resume restores each rank's saved state,
+    # so an interrupted run draws exactly what the uninterrupted one would have.
+    torch.manual_seed(cfg.seed * 1000 + rank + 1)
     state = resume(engines, run, rank)
-    torch.manual_seed(cfg.seed * 1000 + rank + 1 + state.step)  # dropout etc.: per rank, per resume
 
     shard = ray.train.get_dataset_shard("train")
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops()
@@ -306,6 +308,8 @@ def resume(engines: dict, run: fs.Location, rank: int) -> ckpt_io.TrainState:
         rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
         if os.path.exists(rng):
             torch.set_rng_state(load_file(rng)["torch_cpu"])
+        else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
+            torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
         with open(os.path.join(local, "train_state.json")) as f:
             state = from_dict(ckpt_io.TrainState, json.load(f), source=loc.uri)
         shutil.rmtree(local, ignore_errors=True)

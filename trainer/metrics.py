@@ -16,8 +16,9 @@ from trainer.config import TrainConfig
 
 def measure_peak_flops(n: int = 1024, seconds: float = 0.3) -> float:
     """A bf16 matmul rate on this process's threads: the denominator of MFU on CPU."""
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)  # never the global stream: resume must stay bit-exact
+    a = torch.randn(n, n, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, dtype=torch.bfloat16, generator=g)
     a @ b  # warm-up
     iters, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
