@@ -172,7 +172,10 @@ def test_resume_after_kill_is_byte_identical(ray_local, tmp_path):
     logs: list[str] = []
     run_preprocess(config(tmp_path / "in", out, *overrides), log=logs.append)
     text = "\n".join(logs)
-    assert "already scored" in text and "dedup: already done" in text and "already done)" in text
+    # The driver is killed after it has *seen* K commits; on a busy machine the remaining tasks
+    # may all have committed by then, so the last run finds some or all shards already written.
+    assert "already scored" in text and "dedup: already done" in text
+    assert "already done)" in text or "already committed" in text, text
     assert tree_bytes(out) == tree_bytes(ref)
 
 
