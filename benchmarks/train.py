@@ -3,9 +3,10 @@
     .venv/bin/python -m benchmarks.train            # ~15-25 min on 2 cores (the 1.3B part dominates)
     .venv/bin/python -m benchmarks.train --skip-1b  # the rest, a few minutes
 
-1. overhead: Ray Train + DeepSpeed (1 worker, all cores, bf16) step time vs a bare single-process
-   PyTorch loop (bf16 weights, torch AdamW) on the same 151M DALL-E and batch (goal <= 1.10).
-2. MFU of the engine run vs the bf16 matmul peak measured here (goal >= 0.5).
+1. overhead: Ray Train + DeepSpeed (1 worker, all cores) step time vs a bare single-process
+   PyTorch loop (same weights dtype, torch AdamW) on the same 151M DALL-E and batch (goal <= 1.10).
+   Both in `engine.precision=auto`: bf16 on AVX512-BF16/AMX CPUs, fp32 on others.
+2. MFU of the engine run vs the matmul peak in that dtype measured here (goal >= 0.5).
 3. ZeRO-3 model-state memory per worker (RSS growth from engine init through the first step)
    at 2 workers / 1 worker (goal <= 0.55).
 4. The 1.3B preset on 2 workers inside this machine: ZeRO-3 + optimizer state offloaded to disk
@@ -28,6 +29,7 @@ import torch
 
 from jobs.common import init_ray
 from trainer.config import RayConfig, TrainConfig, load_config
+from trainer.engine import DTYPES, resolve_precision
 from trainer.launch import fit, worker_env
 from trainer.metrics import measure_peak_flops
 from trainer.models.dalle import DalleTransformer, compute_dalle_loss, dalle_preset
@@ -36,6 +38,7 @@ from trainer.models.dalle import DalleTransformer, compute_dalle_loss, dalle_pre
 PEER = dict(dim=768, depth=12, heads=12, head_dim=64, text_len=64, image_grid=16,
             image_vocab=8192, text_vocab=16384, attn_pattern="dalle", conv_kernel=11)
 BATCH = 4
+PRECISION = resolve_precision("auto")  # what the engine runs in by default on this machine
 
 
 def engine_cfg(name: str, storage: str, *overrides: str) -> TrainConfig:
@@ -51,10 +54,11 @@ def peer_overrides() -> list[str]:
 
 
 def bare_loop_tokens_per_s(steps: int, warmup: int) -> float:
-    """The loop a user writes without Ray or DeepSpeed: bf16 model, torch AdamW, one process."""
+    """The loop a user writes without Ray or DeepSpeed: model in PRECISION, torch AdamW, one
+    process."""
     torch.manual_seed(0)
     cfg = dalle_preset("tiny", **PEER)
-    model = DalleTransformer(cfg).to(torch.bfloat16).train()
+    model = DalleTransformer(cfg).to(DTYPES[PRECISION]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     text = torch.randint(1, cfg.text_vocab, (BATCH, cfg.text_len))
     image = torch.randint(0, cfg.image_vocab, (BATCH, cfg.image_len))
@@ -85,11 +89,11 @@ def main() -> None:
     cores = os.cpu_count() or 2
     torch.set_num_threads(cores)
 
-    peak = measure_peak_flops(seconds=1.0)
-    print(f"bf16 matmul peak, {torch.get_num_threads()} threads: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    peak = measure_peak_flops(DTYPES[PRECISION], seconds=1.0)
+    print(f"{PRECISION} matmul peak, {torch.get_num_threads()} threads: {peak / 1e9:.0f} GFLOP/s", flush=True)
 
     bare = bare_loop_tokens_per_s(args.steps, warmup=2)
-    print(f"bare PyTorch loop (151M, bf16, batch {BATCH}): {bare:.0f} tokens/s", flush=True)
+    print(f"bare PyTorch loop (151M, {PRECISION}, batch {BATCH}): {bare:.0f} tokens/s", flush=True)
 
     init_ray(RayConfig(num_cpus=cores + 2, dashboard=False), runtime_env={"env_vars": worker_env()})
     # One worker owning all cores; log window = the timed steps after warm-up.
@@ -102,7 +106,7 @@ def main() -> None:
     flops_per_token = DalleTransformer(dalle_preset("tiny", **PEER)).flops_per_token()
     mfu = engine_tok_s * flops_per_token / peak
     overhead = bare / engine_tok_s
-    print(f"Ray Train + DeepSpeed (1 worker, ZeRO-1, bf16): {engine_tok_s:.0f} tokens/s; "
+    print(f"Ray Train + DeepSpeed (1 worker, ZeRO-1, {PRECISION}): {engine_tok_s:.0f} tokens/s; "
           f"step time ratio vs bare = {overhead:.3f}; MFU = {mfu:.3f} "
           f"({flops_per_token / 1e9:.2f} GFLOP/token)", flush=True)
 

@@ -107,7 +107,8 @@ class EngineSection:
     """How DeepSpeed runs the model: the one place parallelism and precision are chosen."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # auto: bf16 where the hardware has it (GPU or AVX512-BF16/AMX CPU), else fp16 (GPU) / fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_accum_steps: int = 1
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     zero_init: bool = True  # stage 3: build the model partitioned (no rank holds it whole)

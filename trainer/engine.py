@@ -36,6 +36,29 @@ from torch.utils.checkpoint import checkpoint
 from trainer.config import OptimizerSection, TrainConfig
 
 MODEL = "model"  # the part of a single-module objective (and the first part of a multi-part one)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 in hardware: a GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated: on an AVX2-only CPU we measured a bf16 matmul
+    at 0.8 GFLOP/s against 66 for fp32 (2 threads)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(
+        getattr(cpu, f, lambda: False)()
+        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` -> bf16 where it is native, fp16 on a GPU without bf16, fp32 on any other CPU."""
+    if precision != "auto":
+        return precision
+    if native_bf16():
+        return "bf16"
+    return "fp16" if torch.cuda.is_available() else "fp32"
 
 
 def build_deepspeed_config(
@@ -74,9 +97,10 @@ def build_deepspeed_config(
         "steps_per_print": 10**9,  # we log; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
-    if e.precision == "bf16":
+    precision = resolve_precision(e.precision)
+    if precision == "bf16":
         ds["bf16"] = {"enabled": True}
-    elif e.precision == "fp16":
+    elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 100}
     if e.offload_optimizer == "nvme":
         ds["aio"] = {

@@ -26,9 +26,12 @@ from data_pipeline import fs
 from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig, from_dict, to_yaml
 from trainer.engine import (
+    DTYPES,
     initialize_parts,
     local_params_finite,
+    native_bf16,
     part_optimizer,
+    resolve_precision,
     set_lr,
     trains_only,
 )
@@ -65,7 +68,17 @@ def train_loop_per_worker(config: dict) -> None:
     state = resume(engines, run, rank)
 
     shard = ray.train.get_dataset_shard("train")
-    peak = cfg.peak_tflops * 1e12 or measure_peak_flops()
+    precision = resolve_precision(cfg.engine.precision)
+    if rank == 0:
+        print(f"[t2i] precision {precision} (engine.precision={cfg.engine.precision})", flush=True)
+        if precision == "bf16" and not native_bf16():
+            print(
+                "[t2i] warning: engine.precision=bf16 on hardware without native bf16 (no "
+                "AVX512-BF16/AMX on this CPU): it is emulated, 10-80x slower than fp32; "
+                "use engine.precision=auto",
+                flush=True,
+            )
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(DTYPES[precision])
     logger = MetricsLogger(cfg, rank, world, objective, peak)
     logger.rss_before_init = rss_before_init
     bad_in_a_row = 0

@@ -14,11 +14,14 @@ from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
 
 
-def measure_peak_flops(n: int = 1024, seconds: float = 0.3) -> float:
-    """A bf16 matmul rate on this process's threads: the denominator of MFU on CPU."""
+def measure_peak_flops(
+    dtype: torch.dtype = torch.bfloat16, n: int = 1024, seconds: float = 0.3
+) -> float:
+    """A matmul rate in the training dtype on this process's threads: the denominator of MFU
+    on CPU."""
     g = torch.Generator().manual_seed(0)  # never the global stream: resume must stay bit-exact
-    a = torch.randn(n, n, dtype=torch.bfloat16, generator=g)
-    b = torch.randn(n, n, dtype=torch.bfloat16, generator=g)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
     a @ b  # warm-up
     iters, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:

@@ -40,6 +40,7 @@ import torch
 
 from data_pipeline import fs
 from trainer.config import REQUIRED, RayConfig, StorageConfig, from_dict, load_config, to_yaml
+from trainer.engine import DTYPES, resolve_precision
 
 SAMPLES_FILE = "samples.jsonl"
 GRID_FILE = "grid.png"
@@ -92,7 +93,8 @@ class SampleConfig:
     output: str = REQUIRED  # output dir or s3://bucket/prefix (files are overwritten)
     sample: SamplingSection = field(default_factory=SamplingSection)
     clip: RerankClipSection = field(default_factory=RerankClipSection)
-    precision: Literal["bf16", "fp32"] = "bf16"  # transformer dtype (bf16: fast on AVX512-BF16)
+    # transformer dtype; auto: bf16 where the hardware has it (GPU, AVX512-BF16/AMX), else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     grid_cell: int = 96  # min side of one image in grid.png (upscaled by an integer factor)
     num_cpus: float = 2.0  # the Ray task's CPUs (and torch threads)
     num_gpus: float = 1.0  # the Ray task's GPUs, requested only when the cluster has GPUs
@@ -329,8 +331,7 @@ def load_ar_models(cfg: SampleConfig, device: str):
             f"{m.image_vocab})"
         )
     check_same_tokenizer(cfg, image_tok.fingerprint)
-    if cfg.precision == "bf16":
-        model = model.to(torch.bfloat16)  # the KV cache follows the module dtype
+    model = model.to(DTYPES[resolve_precision(cfg.precision)])  # the KV cache follows it
     return model, text_tok, image_tok
 
 

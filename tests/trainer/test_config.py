@@ -143,3 +143,30 @@ def test_shipped_configs_load():
     for path in configs:
         cfg = load_config(TrainConfig, path)
         assert cfg.dalle.seq_len > 0, path
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "explicit", "want"),
+    [
+        (True, False, "auto", "bf16"),
+        (False, True, "auto", "bf16"),
+        (False, False, "auto", "fp32"),  # AVX2-only CPU: bf16 would be emulated
+        (False, False, "bf16", "bf16"),  # an explicit choice is kept (the loop warns)
+        (True, False, "fp32", "fp32"),
+    ],
+)
+def test_auto_precision_follows_the_cpu(monkeypatch, avx512_bf16, amx, explicit, want):
+    import torch
+
+    from trainer.config import TrainConfig
+    from trainer.engine import build_deepspeed_config, native_bf16, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert native_bf16() == (avx512_bf16 or amx)
+    assert resolve_precision(explicit) == want
+    cfg = load_config(TrainConfig, None, ["name=x", f"engine.precision={explicit}"])
+    ds = build_deepspeed_config(cfg, world_size=1)
+    assert ds.get("bf16", {}).get("enabled", False) == (want == "bf16")
+    assert "fp16" not in ds
