@@ -65,7 +65,10 @@ def train_loop_per_worker(config: dict) -> None:
     # Per-rank stream for dropout and caption noise; a resume restores each rank's saved state,
     # so an interrupted run draws exactly what the uninterrupted one would have.
     torch.manual_seed(cfg.seed * 1000 + rank + 1)
-    state = resume(engines, run, rank)
+    callbacks = list(getattr(objective, "callbacks", ()))  # e.g. the EMA (trainer/ema.py)
+    for cb in callbacks:
+        cb.on_engines(engines, rank, world)
+    state = resume(engines, run, rank, callbacks)
 
     shard = ray.train.get_dataset_shard("train")
     precision = resolve_precision(cfg.engine.precision)
@@ -130,6 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             bad_in_a_row = 0
             state.step += 1
+            for cb in callbacks:
+                cb.on_step_end(engines, state.step)
             state.samples_seen += cfg.data.batch_size * cfg.engine.grad_accum_steps * world
             last = state.step >= cfg.steps
             every = cfg.checkpoint.every_steps
@@ -138,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics is not None:
                 log_images(objective, engines, batch, logger, state.step)
             checkpoint = (
-                save(engines, cfg, run, state, rank, world, objective, export=last)
+                save(engines, cfg, run, state, rank, world, objective, callbacks, export=last)
                 if ckpt_step
                 else None
             )
@@ -294,9 +299,11 @@ def check_bad_steps(bad_in_a_row: int, cfg: TrainConfig) -> None:
         )
 
 
-def resume(engines: dict, run: fs.Location, rank: int) -> ckpt_io.TrainState:
+def resume(
+    engines: dict, run: fs.Location, rank: int, callbacks: list = ()
+) -> ckpt_io.TrainState:
     """Load the newest complete checkpoint of `run` into every part's engine (model and optimizer
-    state); fresh state if none."""
+    state) and every callback's per-rank state; fresh state if none."""
     for step, loc in ckpt_io.list_complete(run):
         local = ckpt_io.staging_dir(f"load-r{rank}")
         try:
@@ -323,6 +330,11 @@ def resume(engines: dict, run: fs.Location, rank: int) -> ckpt_io.TrainState:
             torch.set_rng_state(load_file(rng)["torch_cpu"])
         else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
             torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
+        for cb in callbacks:
+            path = os.path.join(local, callback_file(cb, rank))
+            if not os.path.exists(path):
+                raise ValueError(f"{loc.uri}: no {cb.name} state for rank {rank} ({path})")
+            cb.load_state_dict(load_file(path), source=loc.uri)
         with open(os.path.join(local, "train_state.json")) as f:
             state = from_dict(ckpt_io.TrainState, json.load(f), source=loc.uri)
         shutil.rmtree(local, ignore_errors=True)
@@ -330,6 +342,10 @@ def resume(engines: dict, run: fs.Location, rank: int) -> ckpt_io.TrainState:
             print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
         return state
     return ckpt_io.TrainState()
+
+
+def callback_file(cb, rank: int) -> str:
+    return f"{cb.name}_rank{rank:05d}.safetensors"
 
 
 def save(
@@ -340,6 +356,7 @@ def save(
     rank: int,
     world: int,
     objective,
+    callbacks: list = (),
     *,
     export: bool,
 ) -> None:
@@ -362,6 +379,8 @@ def save(
     save_file(
         {"torch_cpu": torch.get_rng_state()}, os.path.join(local, f"rng_rank{rank:05d}.safetensors")
     )
+    for cb in callbacks:  # per-rank callback state (an EMA shard), restored by resume()
+        save_file(cb.state_dict(), os.path.join(local, callback_file(cb, rank)))
     weights = (
         objective.export_state_dict(objective_engines(engines))
         if export and cfg.checkpoint.export_weights
@@ -378,6 +397,9 @@ def save(
                 os.path.join(local, "model.safetensors"),
                 metadata={"objective": cfg.objective, "step": str(state.step)},
             )
+            write_export = getattr(objective, "write_export", None)
+            if write_export is not None:  # an ecosystem layout beside it (diffusers folders)
+                write_export(local, weights)
     files = ckpt_io.upload_dir(local, dest)
     shutil.rmtree(local, ignore_errors=True)
     gathered: list = [None] * world
