@@ -1,5 +1,14 @@
-"""DALL-E attention masks against an independent brute-force construction, and attention kernels
-against an explicit masked softmax."""
+"""DALL-E attention masks against the paper (Ramesh et al. 2021, appendix B.1), the sparse
+computation against the dense-mask reference, and the dense kernels against an explicit softmax.
+
+The paper's text, which these tests encode without reading our builder: every image token
+attends to all text tokens; text is causal; row attention lets an image token see the previous
+image tokens in raster order up to the one in the same column of the previous row (extent 5 on a
+4x4 grid); column attention sees the same column in the rows above; convolutional attention is a
+causal k x k window (11 x 11; 3 x 3 in the paper's 4x4 figure) with the same wrap-around as row
+attention. Layers counted from 1 use column attention where (i - 2) mod 4 == 0, row attention
+elsewhere, and convolutional attention in the last layer.
+"""
 
 from __future__ import annotations
 
@@ -8,90 +17,185 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.models.attention import (
     MASK_KINDS,
     SelfAttention,
+    SeqLayout,
     attend,
     attention_schedule,
     build_attention_mask,
+    mask_rows,
+    sparse_attend,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHAPES = [(3, 4, 3), (5, 5, 5), (2, 3, 1), (4, 6, 3)]  # (text_len, grid, conv_kernel)
+# ---- the paper's worked example, written out by hand ------------------------------------------
+# 6 text tokens and a 4x4 grid. Input positions: 0 = BOS, 1..6 = text, 7..21 = image tokens 0..14
+# (image token 15 is a target only). Row p is the query at position p, column the key; 1 = may
+# attend ("|" separates BOS + text from image keys for reading). The first 7 rows are the causal
+# text block; image rows see all 7 text positions.
+TEXT_ROWS = [
+    "1000000000000000000000",
+    "1100000000000000000000",
+    "1110000000000000000000",
+    "1111000000000000000000",
+    "1111100000000000000000",
+    "1111110000000000000000",
+    "1111111000000000000000",
+]
+# image token j sees itself and the 4 before it in raster order: j-4 is the same column, one up
+ROW_IMAGE = [
+    "1111111|100000000000000",
+    "1111111|110000000000000",
+    "1111111|111000000000000",
+    "1111111|111100000000000",
+    "1111111|111110000000000",
+    "1111111|011111000000000",
+    "1111111|001111100000000",
+    "1111111|000111110000000",
+    "1111111|000011111000000",
+    "1111111|000001111100000",
+    "1111111|000000111110000",
+    "1111111|000000011111000",
+    "1111111|000000001111100",
+    "1111111|000000000111110",
+    "1111111|000000000011111",
+]
+# image token j sees j, j-4, j-8, j-12 (same column, rows above)
+COL_IMAGE = [
+    "1111111|100000000000000",
+    "1111111|010000000000000",
+    "1111111|001000000000000",
+    "1111111|000100000000000",
+    "1111111|100010000000000",
+    "1111111|010001000000000",
+    "1111111|001000100000000",
+    "1111111|000100010000000",
+    "1111111|100010001000000",
+    "1111111|010001000100000",
+    "1111111|001000100010000",
+    "1111111|000100010001000",
+    "1111111|100010001000100",
+    "1111111|010001000100010",
+    "1111111|001000100010001",
+]
+# 3x3 causal window with wrap-around: the row above (left, same, right column), the left
+# neighbour and itself; j-3, j-4, j-5, j-1, j in raster order (wrapping across row ends)
+CONV_IMAGE = [
+    "1111111|100000000000000",
+    "1111111|110000000000000",
+    "1111111|011000000000000",
+    "1111111|101100000000000",
+    "1111111|110110000000000",
+    "1111111|111011000000000",
+    "1111111|011101100000000",
+    "1111111|001110110000000",
+    "1111111|000111011000000",
+    "1111111|000011101100000",
+    "1111111|000001110110000",
+    "1111111|000000111011000",
+    "1111111|000000011101100",
+    "1111111|000000001110110",
+    "1111111|000000000111011",
+]
 
 
-def brute_force_mask(kind: str, text_len: int, grid: int, kernel: int) -> torch.Tensor:
-    """Written from the rules, position by position (independent of the vectorised builder).
-
-    Input positions: 0 = BOS, 1..text_len = text, then image token (r, c) at
-    text_len + 1 + r * grid + c for every raster index except the last one.
-    """
-    n_text = text_len + 1
-    length = text_len + grid * grid
-    allowed = torch.zeros(length, length, dtype=torch.bool)
-    coords = {}  # input position -> (row, col) of the image token it holds
-    for r in range(grid):
-        for c in range(grid):
-            p = n_text + r * grid + c
-            if p < length:
-                coords[p] = (r, c)
-    for q in range(length):
-        for k in range(q + 1):  # never the future
-            if k < n_text:  # BOS/text keys: seen by every later query (text or image)
-                allowed[q, k] = True
-                continue
-            if q < n_text:  # text queries never see image keys (they come later anyway)
-                continue
-            (qr, qc), (kr, kc) = coords[q], coords[k]
-            if kind == "full":
-                ok = True
-            elif kind == "row":
-                ok = qr == kr
-            elif kind == "col":
-                ok = qc == kc
-            else:
-                ok = abs(qr - kr) <= kernel // 2 and abs(qc - kc) <= kernel // 2
-            allowed[q, k] = ok
-    return allowed
+def as_mask(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in r.replace("|", "")] for r in rows])
 
 
-@pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("text_len,grid,kernel", SHAPES)
-def test_mask_matches_brute_force(kind, text_len, grid, kernel):
+@pytest.mark.parametrize(
+    "kind,image_rows", [("row", ROW_IMAGE), ("col", COL_IMAGE), ("conv", CONV_IMAGE)]
+)
+def test_paper_example_6_text_4x4_grid(kind, image_rows):
+    expected = as_mask(TEXT_ROWS + image_rows)
+    assert expected.shape == (22, 22)
+    mask = build_attention_mask(kind, text_len=6, grid=4, conv_kernel=3)
+    assert mask.dtype == torch.bool
+    assert torch.equal(mask, expected), (mask.int() - expected.int()).nonzero().tolist()
+
+
+def test_paper_example_full_is_plain_causal():
+    assert torch.equal(build_attention_mask("full", 6, 4), torch.ones(22, 22).tril().bool())
+
+
+# ---- properties on larger grids ---------------------------------------------------------------
+
+
+def image_sets(kind: str, text_len: int, grid: int, kernel: int) -> list[set[int]]:
+    """For each fed image token j, the image tokens it may attend to (raster indices)."""
     mask = build_attention_mask(kind, text_len, grid, kernel)
-    assert mask.dtype == torch.bool and mask.shape == (text_len + grid**2,) * 2
-    assert torch.equal(mask, brute_force_mask(kind, text_len, grid, kernel))
+    n = text_len + 1
+    return [set(mask[n + j, n:].nonzero().flatten().tolist()) for j in range(grid * grid - 1)]
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
-def test_mask_invariants(kind):
-    text_len, grid = 5, 6
-    mask = build_attention_mask(kind, text_len, grid, 5)
-    n_text = text_len + 1
-    assert not (mask & ~torch.ones_like(mask).tril()).any(), "a position sees the future"
+@pytest.mark.parametrize("text_len,grid,kernel", [(5, 8, 5), (3, 7, 3), (16, 32, 11)])
+def test_text_causal_and_every_image_token_sees_all_text(kind, text_len, grid, kernel):
+    mask = build_attention_mask(kind, text_len, grid, kernel)
+    n, length = text_len + 1, text_len + grid * grid
+    assert mask.shape == (length, length)
+    assert not mask.triu(1).any(), "a position sees the future"
     assert mask.diagonal().all(), "every position sees itself"
-    assert mask[n_text:, :n_text].all(), "every image position sees all text and BOS"
-    assert torch.equal(mask[:n_text, :n_text], torch.ones(n_text, n_text).tril().bool())
+    assert mask[n:, :n].all(), "every image position sees all text and BOS"
+    assert torch.equal(mask[:n, :n], torch.ones(n, n).tril().bool())
 
 
-def test_full_is_causal_and_patterns_differ():
-    full = build_attention_mask("full", 4, 4)
-    assert torch.equal(full, torch.ones_like(full).tril())  # what licenses is_causal=True
-    masks = [build_attention_mask(k, 4, 4, 3) for k in MASK_KINDS]
-    for i in range(len(masks)):
-        for j in range(i):
-            assert not torch.equal(masks[i], masks[j]), (MASK_KINDS[i], MASK_KINDS[j])
+@pytest.mark.parametrize("grid", [5, 8, 32])
+def test_row_last_visible_is_same_column_one_row_up(grid):
+    for j, seen in enumerate(image_sets("row", 4, grid, 11)):
+        r, c = divmod(j, grid)
+        earliest = min(seen)
+        if r == 0:
+            assert earliest == 0  # nothing above: back to the first token
+        else:
+            assert divmod(earliest, grid) == (r - 1, c)
+        assert seen == set(range(earliest, j + 1)), "a contiguous run in raster order"
+        assert len(seen) == min(j, grid) + 1  # itself + the grid previous tokens
 
 
-def test_conv_window_example():
-    # grid 4, kernel 3: the token at (2, 2) sees (1,1) (1,2) (1,3) (2,1) and itself
-    text_len, grid = 2, 4
-    mask = build_attention_mask("conv", text_len, grid, 3)
-    p = text_len + 1 + 2 * grid + 2
-    seen = {(i // grid, i % grid) for i in range(grid * grid - 1) if mask[p, text_len + 1 + i]}
-    assert seen == {(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)}
+@pytest.mark.parametrize("grid", [5, 8, 32])
+def test_col_sees_exactly_the_column_above(grid):
+    for j, seen in enumerate(image_sets("col", 4, grid, 11)):
+        r, c = divmod(j, grid)
+        assert seen == {rr * grid + c for rr in range(r + 1)}
+
+
+@pytest.mark.parametrize("grid,kernel", [(8, 5), (32, 11), (9, 3)])
+def test_conv_is_a_causal_window_with_row_wraparound(grid, kernel):
+    h = kernel // 2
+    for j, seen in enumerate(image_sets("conv", 4, grid, kernel)):
+        r, c = divmod(j, grid)
+        # the causal half of the k x k window centred on (r, c), columns counted in raster order
+        # (a column past an edge continues on the neighbouring row, as row attention wraps)
+        want = set()
+        for dr in range(h + 1):
+            for e in range(-h, h + 1):
+                if dr == 0 and e > 0:
+                    continue  # the future half of the query's own row
+                m = (r - dr) * grid + (c + e)
+                if 0 <= m <= j:
+                    want.add(m)
+        assert seen == want, (r, c)
+        assert max(seen) == j and len(seen) <= h * kernel + h + 1
+        if h <= c < grid - h and r >= h:  # away from the edges: the plain geometric window
+            rows_cols = {divmod(m, grid) for m in seen}
+            assert all(0 <= r - rr <= h and abs(cc - c) <= h for rr, cc in rows_cols)
+            assert len(seen) == h * kernel + h + 1
+    # the wrap: the first token of a row sees the end of the row above (like row attention)
+    j = 2 * grid
+    assert {j - 1, j - h} <= image_sets("conv", 4, grid, kernel)[j]
+
+
+def test_mask_rows_are_slices_of_the_full_mask():
+    for kind in MASK_KINDS:
+        full = build_attention_mask(kind, 5, 6, 5)
+        for start, end in [(0, 6), (3, 9), (20, 21), (0, full.shape[0]), (12, 30)]:
+            got = mask_rows(kind, 5, 6, 5, start, end)
+            assert torch.equal(got, full[start:end, :end]), (kind, start, end)
 
 
 def test_mask_errors_name_the_argument():
@@ -101,27 +205,29 @@ def test_mask_errors_name_the_argument():
         build_attention_mask("conv", 4, 4, 4)
     with pytest.raises(ValueError, match="grid"):
         build_attention_mask("row", 4, 0)
+    with pytest.raises(ValueError, match="start"):
+        mask_rows("row", 4, 4, 3, 5, 3)
 
 
-def test_dalle_schedule():
-    assert attention_schedule("dalle", 8) == [
-        "row",
-        "row",
-        "col",
-        "row",
-        "row",
-        "row",
-        "col",
-        "conv",
-    ]
+def test_dalle_schedule_from_the_paper():
+    # layers 1..8: column attention at 2 and 6, convolutional at 8, row elsewhere
+    expected = ["row", "col", "row", "row", "row", "col", "row", "conv"]
+    assert attention_schedule("dalle", 8) == expected
+    kinds = attention_schedule("dalle", 64)  # the 12B model
+    assert [i + 1 for i, k in enumerate(kinds) if k == "col"] == list(range(2, 63, 4))
+    assert kinds[-1] == "conv" and kinds.count("conv") == 1 and kinds.count("row") == 47
     assert attention_schedule("dalle", 1) == ["conv"]
+    assert attention_schedule("dalle", 2) == ["row", "conv"]
     assert attention_schedule("col", 3) == ["col"] * 3
     with pytest.raises(ValueError, match="attn_pattern"):
         attention_schedule("axial", 4)
 
 
+# ---- dense kernels ----------------------------------------------------------------------------
+
+
 def reference_attention(q, k, v, mask):
-    """Explicit masked softmax in fp32: the definition both kernels must match."""
+    """Explicit masked softmax in fp32: the definition every kernel must match."""
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
     scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1) @ v
@@ -139,7 +245,6 @@ def test_attend_matches_reference(kind, impl):
     if kind == "full":  # the causal fast path equals the explicit mask
         out = attend(q, k, v, mask, impl=impl, is_causal=True)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    # gradients agree too (the matmul path is the CPU training path)
     q.requires_grad_(True)
     (attend(q, k, v, mask, impl=impl) * v).sum().backward()
     grad = q.grad.clone()
@@ -148,15 +253,81 @@ def test_attend_matches_reference(kind, impl):
     torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
-def test_attention_module_matches_reference(impl):
+# ---- sparse computation = dense reference -----------------------------------------------------
+
+# (text_len, grid, conv_kernel, S): S input positions, a prefix when S < L; kernels wider than
+# half the grid make the conv window span more rows than it has columns
+SPARSE_CASES = [(6, 4, 3, 22), (3, 5, 5, 28), (2, 6, 3, 20), (4, 7, 11, 53), (1, 3, 1, 10)]
+
+
+@pytest.mark.parametrize("kind", ["row", "col", "conv"])
+@pytest.mark.parametrize("text_len,grid,kernel,S", SPARSE_CASES)
+def test_sparse_attend_equals_dense_forward_and_backward(kind, text_len, grid, kernel, S):
+    """fp32, tolerance 1e-5 absolute on outputs and on the gradients of q, k and v."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, S, 8, generator=g, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 3, S, 8, generator=g)  # a random cotangent
+    mask = build_attention_mask(kind, text_len, grid, kernel)[:S, :S]
+    ref = reference_attention(q, k, v, mask)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for text_impl in ("matmul", "sdpa"):
+        out = sparse_attend(q, k, v, kind, text_len, grid, kernel, text_impl=text_impl)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_sparse_attend_text_only_and_bad_lengths():
+    q = torch.randn(1, 2, 4, 8)
+    ref = reference_attention(q, q, q, build_attention_mask("row", 3, 4)[:4, :4])
+    torch.testing.assert_close(sparse_attend(q, q, q, "row", 3, 4), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positions"):
+        sparse_attend(q[:, :, :3], q[:, :, :3], q[:, :, :3], "row", 3, 4)
+    with pytest.raises(ValueError, match="kind"):
+        sparse_attend(q, q, q, "full", 3, 4)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any op returns (forward and backward alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["row", "col", "conv"])
+def test_no_L_by_L_tensor_at_the_12b_sequence_length(kind):
+    text_len, grid = 256, 32  # the 12B preset: L = 256 + 1024 positions
+    L = text_len + grid * grid
+    q, k, v = (torch.randn(1, 1, L, 4, requires_grad=True) for _ in range(3))
+    with LargestTensor() as sparse:
+        sparse_attend(q, k, v, kind, text_len, grid, 11).sum().backward()
+    assert sparse.most < L * L // 2, (sparse.most, L * L)
+    with LargestTensor() as dense:  # the check can fail: the dense reference holds (L, L)
+        mask = build_attention_mask(kind, text_len, grid, 11)
+        attend(q, k, v, mask, impl="matmul").sum().backward()
+    assert dense.most >= L * L
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "matmul", "sparse"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_attention_module_matches_reference(impl, kind):
     torch.manual_seed(0)
-    attn = SelfAttention(16, 2, 8, depth=2, impl=impl)
-    mask = build_attention_mask("conv", 3, 4, 3)
+    attn = SelfAttention(16, 2, 8, depth=2, layout=SeqLayout(kind, 3, 4, 3), impl=impl)
+    mask = build_attention_mask(kind, 3, 4, 3)
     x = torch.randn(2, mask.shape[0], 16)
     q, k, v = attn.qkv(x).view(2, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
     y = reference_attention(q, k, v, mask).transpose(1, 2).reshape(2, -1, 16)
-    torch.testing.assert_close(attn(x, mask), attn.proj(y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn(x), attn.proj(y), atol=1e-5, rtol=0)
+    assert attn.sparse == (impl == "sparse" and kind != "full")
 
 
 def test_model_files_import_no_distributed_code():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -170,9 +171,10 @@ def test_loss_weighting_matches_hand_computation():
 # ---- KV cache -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["matmul", "sdpa"])
+@pytest.mark.parametrize("impl", ["auto", "matmul", "sdpa"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_kv_cache_teacher_forcing_equals_forward(pattern, impl):
+    """Cached logits = uncached logits; "dalle" has row, col and conv layers (tiny: 4 layers)."""
     model = make_model(attn_pattern=pattern, attn_impl=impl)
     text, image = batch(model.cfg, b=3)
     text[1, 4:] = 0  # padding
@@ -216,7 +218,8 @@ def test_12b_and_1b3_presets_on_meta():
     n = big.num_params()
     assert 11.5e9 < n < 13e9, n
     assert mid.num_params() >= 1.0e9
-    assert big.mask_conv.device.type == "meta"
+    assert big.layer_kinds[:3] == ["row", "col", "row"] and big.layer_kinds[-1] == "conv"
+    assert not list(big.buffers()), "no mask buffers: sparse layers hold no (L, L) mask"
     # flops/token is dominated by 6 x the non-embedding parameters
     ratio = big.flops_per_token() / (6 * big.num_params(exclude_embeddings=True))
     assert 1.0 < ratio < 1.2, ratio
@@ -226,9 +229,44 @@ def test_meta_build_then_materialise():
     with torch.device("meta"):
         model = DalleTransformer(tiny())
     model.to_empty(device="cpu")
-    model.reset_masks()
-    ref = DalleTransformer(tiny())
-    assert torch.equal(model.mask_row, ref.mask_row) and torch.equal(model.mask_conv, ref.mask_conv)
+    ref = make_model()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    text, image = batch(ref.cfg)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(text, image)[1], ref(text, image)[1])
+
+
+@pytest.mark.parametrize("pattern", ["dalle", "row", "col", "conv"])
+def test_sparse_model_equals_dense_mask_model(pattern):
+    """The blockwise path (auto) vs dense (L, L) masks (matmul): fp32 logits and every parameter
+    gradient within 1e-5 absolute."""
+    cfg = tiny(attn_pattern=pattern, image_grid=5, text_len=6, conv_kernel=3)
+    torch.manual_seed(0)
+    sparse = DalleTransformer(cfg)
+    dense = DalleTransformer(replace(cfg, attn_impl="matmul"))
+    dense.load_state_dict(sparse.state_dict(), strict=True)
+    assert all(b.attn.sparse for b in sparse.blocks)
+    assert not any(b.attn.sparse for b in dense.blocks)
+    text, image = batch(cfg)
+    outs = []
+    for m in (sparse, dense):
+        tl, il = m(text, image)
+        compute_dalle_loss(tl, il, m.internal_text(text), image)[0].backward()
+        outs.append((tl, il, [p.grad for p in m.parameters()]))
+    (tl_s, il_s, g_s), (tl_d, il_d, g_d) = outs
+    torch.testing.assert_close(tl_s, tl_d, atol=1e-5, rtol=0)
+    torch.testing.assert_close(il_s, il_d, atol=1e-5, rtol=0)
+    for a, b in zip(g_s, g_d, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_sparse_flops_count_less_attention_than_dense():
+    cfg = dalle_preset("12b")
+    with torch.device("meta"):
+        sparse = DalleTransformer(cfg).flops_per_token()
+        dense = DalleTransformer(replace(cfg, attn_impl="matmul")).flops_per_token()
+    attn_dense = 12 * cfg.depth * cfg.heads * cfg.head_dim * cfg.seq_len
+    assert 0.5 * attn_dense < dense - sparse < attn_dense
 
 
 def test_bf16_module_and_autocast():

@@ -1,4 +1,5 @@
-"""DALL-E attention: sparse mask construction (pure functions) and self-attention with a KV cache.
+"""DALL-E attention: the paper's masks (pure functions), their sparse computation, and
+self-attention with a KV cache.
 
 Positions. The transformer reads one decoder-only sequence
 
@@ -11,20 +12,37 @@ and is fed all but its last token, so there are L = text_len + grid**2 *input po
     1 .. text_len           text 0 .. T-1    text 1 .. T-1, then image token 0 (at p = text_len)
     text_len + 1 + j        image token j    image token j + 1   (j = 0 .. grid**2 - 2)
 
-Masks are defined on input positions by the token a position *holds* ("image token j" is the one at
-input position text_len + 1 + j, with grid coordinate (j // grid, j % grid)):
+Masks (Ramesh et al. 2021, appendix B.1 and its figure of the masks for 6 text tokens and a 4x4
+grid) are defined on input positions by the token a position *holds*; image token j sits at grid
+coordinate (j // grid, j % grid):
 
-* BOS and text attend causally to BOS and text.
-* every image token attends to ALL text positions (BOS included) and to itself, plus
-    - full: every earlier image token (the whole mask is plain causal),
-    - row:  earlier image tokens in the same grid row,
-    - col:  earlier image tokens in the same grid column,
-    - conv: earlier image tokens in the k x k window centred on it.
+* BOS and text attend causally to BOS and text; every image token attends to ALL of them.
+* image to image, with d = j_query - j_key >= 0 the distance back in raster order:
+    - full: every earlier image token (the whole mask is plain causal);
+    - row:  d <= grid: itself and the grid previous tokens, so the earliest one it sees is the
+            same column one row up (the paper's "previous 5 image tokens" of a 4x4 grid: the
+            extent is chosen so that the last token attended to is in the same column of the
+            previous row); the band wraps around row ends like the raster order does;
+    - col:  d a multiple of grid: the same column in the rows above, and itself;
+    - conv: a causal k x k window (the paper: 11 x 11) with the same wrap-around as row: d is
+            dr * grid + e with 0 <= dr <= k // 2 rows up and |e| <= k // 2 columns across,
+            counted in raster order (so a window reaching past the left edge continues at the
+            end of the row above, as the row band does).
 
 Every mask row is a subset of the causal row, so a prefix of the sequence sees exactly what it
-would see inside the full sequence: `mask[:n, :n]` is the mask of the first n positions. That is
-what makes the KV cache exact for every pattern: decoding position p applies row p of the layer's
-own mask to the cached keys 0..p.
+would see inside the full sequence; decoding position p applies row p of the layer's mask to the
+cached keys 0..p, which is what makes the KV cache exact for every pattern.
+
+Sparse computation (`sparse_attend`). row and conv allow a fixed set of raster distances d, all
+below (nb + 1) * grid; so the image queries of grid row r need keys from rows r - nb .. r only:
+queries are blocked by grid row and each block attends to a window of (nb + 1) * grid keys
+(nb = 1 for row, k // 2 + 1 for conv) plus all text keys, under one small (grid, (nb+1)*grid)
+mask shared by every block. col transposes the image states first (the paper's trick), so a
+column becomes a block and col is a causal mask inside each block. Work and memory are
+O(L * (text_len + window)) per layer; no (L, L) tensor exists. `build_attention_mask` gives the
+dense (L, L) masks, the reference the sparse path is tested against (and what impl "sdpa" /
+"matmul" use). `torch.nn.attention.flex_attention` was the other candidate: in torch 2.14.1 it
+has no backward on CPU (eager or compiled), so it cannot train here.
 """
 
 from __future__ import annotations
@@ -39,51 +57,90 @@ from torch import nn
 
 MASK_KINDS = ("full", "row", "col", "conv")
 ATTN_PATTERNS = ("full", "dalle", "row", "col", "conv")
-AttnImpl = Literal["auto", "sdpa", "matmul"]
+ATTN_IMPLS = ("auto", "sparse", "sdpa", "matmul")
+AttnImpl = Literal["auto", "sparse", "sdpa", "matmul"]
 
 
-def build_attention_mask(
-    kind: str, text_len: int, grid: int, conv_kernel: int = 11, device=None
-) -> torch.Tensor:
-    """Boolean (L, L) mask over input positions, True = query (row) may attend to key (column).
-
-    L = 1 + text_len + grid**2 - 1 (BOS + text + all image tokens but the last); see the module
-    docstring for what each position holds. `conv_kernel` (odd) is used by kind "conv" only.
-    """
+def _check_geometry(kind: str, text_len: int, grid: int, conv_kernel: int) -> None:
     if kind not in MASK_KINDS:
         raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
     if text_len < 1 or grid < 1:
         raise ValueError(f"text_len and grid must be >= 1, got text_len={text_len}, grid={grid}")
     if conv_kernel < 1 or conv_kernel % 2 == 0:
         raise ValueError(f"conv_kernel must be a positive odd number, got {conv_kernel}")
-    n_text = text_len + 1  # BOS + text
-    length = text_len + grid * grid
-    pos = torch.arange(length, device=device)  # (L,)
-    causal = pos[:, None] >= pos[None, :]  # (L, L)
+
+
+def image_visible(
+    kind: str, grid: int, conv_kernel: int, q_img: torch.Tensor, k_img: torch.Tensor
+) -> torch.Tensor:
+    """May image token `q_img` attend to image token `k_img`? Raster indices, broadcast -> bool.
+
+    Depends only on the raster distance d = q_img - k_img (see the module docstring).
+    """
+    d = q_img - k_img
+    causal = d >= 0
     if kind == "full":
         return causal
-    img = pos - n_text  # raster index of the image token held; negative for BOS/text
-    is_img = img >= 0
-    row, col = img.div(grid, rounding_mode="floor"), img.remainder(grid)  # valid where is_img
     if kind == "row":
-        related = row[:, None] == row[None, :]
-    elif kind == "col":
-        related = col[:, None] == col[None, :]
-    else:  # conv: a k x k window centred on the query (the causal part cuts it in half)
-        half = conv_kernel // 2
-        related = ((row[:, None] - row[None, :]).abs() <= half) & (
-            (col[:, None] - col[None, :]).abs() <= half
-        )
+        return causal & (d <= grid)
+    if kind == "col":
+        return causal & (d.remainder(grid) == 0)
+    if kind != "conv":
+        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    half = conv_kernel // 2
+    near = torch.zeros_like(causal)
+    for rows_up in range(half + 1):  # d = rows_up * grid + e, |e| <= half
+        near |= (d - rows_up * grid).abs() <= half
+    return causal & near
+
+
+def mask_rows(
+    kind: str,
+    text_len: int,
+    grid: int,
+    conv_kernel: int = 11,
+    start: int = 0,
+    end: int | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Rows start..end-1 of the (L, L) mask, keys 0..end-1: bool (end - start, end).
+
+    True = query (row) may attend to key (column). `end` defaults to L = text_len + grid**2.
+    """
+    _check_geometry(kind, text_len, grid, conv_kernel)
+    length = text_len + grid * grid
+    end = length if end is None else end
+    if not 0 <= start <= end <= length:
+        raise ValueError(f"need 0 <= start <= end <= L={length}, got start={start}, end={end}")
+    n_text = text_len + 1  # BOS + text
+    q = torch.arange(start, end, device=device)[:, None]  # (S, 1) query positions
+    k = torch.arange(end, device=device)[None, :]  # (1, end) key positions
+    causal = k <= q
+    if kind == "full":
+        return causal
+    related = image_visible(kind, grid, conv_kernel, q - n_text, k - n_text)  # (S, end)
     # A text key is visible to every later query; an image key only to related image queries.
-    return causal & (~is_img[None, :] | (is_img[:, None] & related))
+    return causal & ((k < n_text) | ((q >= n_text) & related))
+
+
+def build_attention_mask(
+    kind: str, text_len: int, grid: int, conv_kernel: int = 11, device=None
+) -> torch.Tensor:
+    """Dense boolean (L, L) mask over input positions, True = query (row) may attend to key.
+
+    L = 1 + text_len + grid**2 - 1 (BOS + text + all image tokens but the last); see the module
+    docstring for what each position holds. `conv_kernel` (odd) is used by kind "conv" only.
+    The reference for the sparse path; the sparse path never builds it.
+    """
+    return mask_rows(kind, text_len, grid, conv_kernel, device=device)
 
 
 def attention_schedule(pattern: str, depth: int) -> list[str]:
     """The mask kind of each layer for a model-level `attn_pattern`.
 
-    "dalle" is the DALL-E schedule: layer i uses column attention if i % 4 == 2, row attention
-    otherwise, and the last layer uses convolutional attention. The other patterns use their own
-    kind in every layer.
+    "dalle" is the paper's schedule: counting layers from 1, layer i uses column attention if
+    (i - 2) mod 4 == 0 (layers 2, 6, 10, ...), row attention otherwise, and the last layer uses
+    convolutional attention. The other patterns use their own kind in every layer.
     """
     if pattern not in ATTN_PATTERNS:
         raise ValueError(f"attn_pattern must be one of {ATTN_PATTERNS}, got {pattern!r}")
@@ -91,7 +148,7 @@ def attention_schedule(pattern: str, depth: int) -> list[str]:
         raise ValueError(f"depth must be >= 1, got {depth}")
     if pattern != "dalle":
         return [pattern] * depth
-    kinds = ["col" if i % 4 == 2 else "row" for i in range(depth)]
+    kinds = ["col" if (i - 2) % 4 == 0 else "row" for i in range(1, depth + 1)]
     kinds[-1] = "conv"
     return kinds
 
@@ -106,7 +163,8 @@ def attend(
     is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Masked scaled-dot-product attention. q (B, H, S, D), k and v (B, H, Lk, D) -> (B, H, S, D).
+    """Dense masked scaled-dot-product attention. q (B, H, S, D), k and v (B, H, Lk, D) ->
+    (B, H, S, D).
 
     `mask` is boolean (S, Lk), True = may attend; every row must allow at least one key.
     impl "sdpa" calls `F.scaled_dot_product_attention` with the boolean mask (or `is_causal=True`
@@ -130,6 +188,111 @@ def attend(
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)  # (B, H, S, D)
+
+
+@dataclass(frozen=True)
+class LocalWindow:
+    """How `sparse_attend` blocks the image part of one sparse mask kind."""
+
+    prev: int  # earlier blocks each block of queries reads: window = (prev + 1) * grid keys
+    transposed: bool  # blocks are grid columns (image states transposed), else grid rows
+
+
+def local_window(kind: str, grid: int, conv_kernel: int) -> LocalWindow:
+    """The block window of a sparse kind: every visible raster distance d is < (prev+1)*grid."""
+    if kind == "row":  # d <= grid: this row and the one above
+        return LocalWindow(prev=1, transposed=False)
+    if kind == "col":  # transposed, a column is one block: causal inside it
+        return LocalWindow(prev=0, transposed=True)
+    if kind == "conv":  # d <= half * grid + half
+        half = conv_kernel // 2
+        return LocalWindow(prev=-(-(half * grid + half) // grid), transposed=False)
+    raise ValueError(f"sparse attention needs kind 'row', 'col' or 'conv', got {kind!r}")
+
+
+def local_mask(kind: str, grid: int, conv_kernel: int, device=None) -> torch.Tensor:
+    """Bool (grid, grid, W): may query a of block b see key w of its window? W = (prev+1)*grid.
+
+    Window key w of block b is image block b - prev + w // grid (before the image: never).
+    """
+    win = local_window(kind, grid, conv_kernel)
+    width = (win.prev + 1) * grid
+    a = torch.arange(grid, device=device)[:, None]  # (grid, 1) query index in its block
+    w = torch.arange(width, device=device)[None, :]  # (1, W) key index in the window
+    if win.transposed:  # same column, rows up to the query's own
+        local = w <= a
+    else:  # raster indices: query b*grid + a, key (b - prev)*grid + w
+        local = image_visible(kind, grid, conv_kernel, win.prev * grid + a, w)  # (grid, W)
+    blocks = torch.arange(grid, device=device)[:, None]  # (grid, 1)
+    exists = blocks - win.prev + w // grid >= 0  # (grid, W): the key's block is in the image
+    return local[None] & exists[:, None, :]  # (grid, grid, W)
+
+
+def sparse_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    text_len: int,
+    grid: int,
+    conv_kernel: int = 11,
+    *,
+    text_impl: str = "matmul",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention under sparse mask `kind` (row, col, conv) computed blockwise, never (S, S).
+
+    q, k, v (B, H, S, D) hold input positions 0..S-1, text_len + 1 <= S <= L -> (B, H, S, D).
+    Equals `attend(q, k, v, build_attention_mask(kind, ...)[:S, :S])` up to rounding. Text
+    queries use dense causal attention (`text_impl`) over BOS + text; image queries score all
+    text keys plus their block's window (module docstring) under one softmax.
+    """
+    B, H, S, D = q.shape
+    n_text, n_grid = text_len + 1, grid * grid
+    if not n_text <= S <= text_len + n_grid:
+        raise ValueError(f"need {n_text} <= S <= {text_len + n_grid} positions, got {S}")
+    win = local_window(kind, grid, conv_kernel)
+    kt, vt = k[:, :, :n_text], v[:, :, :n_text]  # (B, H, T1, D)
+    causal = torch.ones(n_text, n_text, dtype=torch.bool, device=q.device).tril()
+    out_text = attend(
+        q[:, :, :n_text], kt, vt, causal, impl=text_impl, is_causal=True, dropout_p=dropout_p
+    )
+    n_img = S - n_text
+    if n_img == 0:
+        return out_text
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        # (B, H, n_img, D) -> (B, H, grid, grid, D): zero-padded to the full grid, one block per
+        # grid row (or column when transposed). Padding comes after every real position, so
+        # the masks never let a real query see it; padded queries are dropped at the end.
+        x = F.pad(x, (0, 0, 0, n_grid - n_img)).view(B, H, grid, grid, D)
+        return x.transpose(2, 3).contiguous() if win.transposed else x
+
+    def windows(x: torch.Tensor) -> torch.Tensor:
+        # (B, H, grid, grid, D) -> (B, H, grid, W, D): block b reads blocks b-prev..b
+        if win.prev == 0:
+            return x
+        x = F.pad(x, (0, 0, 0, 0, win.prev, 0))  # prev empty blocks before the image
+        return torch.cat([x[:, :, s : s + grid] for s in range(win.prev + 1)], dim=3)
+
+    qb = blocks(q[:, :, n_text:]) * (1.0 / math.sqrt(D))  # (B, H, grid, grid, D)
+    kw = windows(blocks(k[:, :, n_text:]))  # (B, H, grid, W, D)
+    vw = windows(blocks(v[:, :, n_text:]))
+    width = kw.shape[3]
+    s_text = torch.matmul(qb.view(B, H, n_grid, D), kt.transpose(-1, -2))  # (B, H, G2, T1)
+    s_local = torch.matmul(qb, kw.transpose(-1, -2))  # (B, H, grid, grid, W)
+    s_local = s_local.masked_fill(~local_mask(kind, grid, conv_kernel, q.device), float("-inf"))
+    scores = torch.cat([s_text.view(B, H, grid, grid, n_text), s_local], dim=-1)
+    probs = scores.softmax(dim=-1)  # one softmax over text + window keys
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    p_text, p_local = probs.split([n_text, width], dim=-1)
+    out = torch.matmul(p_text.reshape(B, H, n_grid, n_text), vt).view(B, H, grid, grid, D)
+    out = out + torch.matmul(p_local, vw)  # (B, H, grid, grid, D)
+    if win.transposed:
+        out = out.transpose(2, 3)
+    out = out.reshape(B, H, n_grid, D)[:, :, :n_img]
+    return torch.cat([out_text, out], dim=2)  # (B, H, S, D)
 
 
 @dataclass
@@ -196,13 +359,36 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection and an optional KV cache.
+@dataclass(frozen=True)
+class SeqLayout:
+    """The sequence one attention layer reads and its mask kind (module docstring)."""
 
-    forward(x (B, S, C), mask (L, L) bool, cache=None, start=0) -> (B, S, C): `x` holds input
-    positions start .. start+S-1; the full-length `mask` is sliced to those rows. With a cache,
-    the new keys/values are written at those positions and the queries attend to positions
-    0 .. start+S-1 of the cache; without one, start must be 0.
+    kind: str  # one of MASK_KINDS
+    text_len: int  # text tokens (BOS comes on top)
+    grid: int  # side of the image grid
+    conv_kernel: int = 11  # odd side of the conv window (kind "conv" only)
+
+    def __post_init__(self):
+        _check_geometry(self.kind, self.text_len, self.grid, self.conv_kernel)
+
+    def rows(self, start: int, end: int, device=None) -> torch.Tensor:
+        """Mask rows start..end-1 over keys 0..end-1: bool (end - start, end)."""
+        return mask_rows(
+            self.kind, self.text_len, self.grid, self.conv_kernel, start, end, device=device
+        )
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection, one mask kind and a KV cache.
+
+    forward(x (B, S, C), cache=None, start=0, rows=None) -> (B, S, C): `x` holds input positions
+    start .. start+S-1. With a cache, the new keys/values are written at those positions and the
+    queries attend to positions 0 .. start+S-1 of the cache under mask `rows` (S, start+S)
+    (computed from the layout when not given); without one, start must be 0.
+
+    impl: "auto"/"sparse" compute row/col/conv layers with `sparse_attend` (full layers dense:
+    SDPA's causal kernel on GPU, the explicit form on CPU); "sdpa"/"matmul" use the dense
+    (L, L) mask for every kind (the reference).
     """
 
     def __init__(
@@ -212,51 +398,75 @@ class SelfAttention(nn.Module):
         head_dim: int,
         *,
         depth: int,
+        layout: SeqLayout,
         dropout: float = 0.0,
         impl: AttnImpl = "auto",
     ):
         super().__init__()
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
         self.heads, self.head_dim, self.dropout, self.impl = heads, head_dim, dropout, impl
+        self.layout = layout
         inner = heads * head_dim
         self.qkv = Linear(dim, 3 * inner)  # q, k, v of all heads in one matmul
         # GPT-2: residual projections scaled by 1/sqrt(2 * depth) (two per block)
         self.proj = Linear(inner, dim, std=0.02 / math.sqrt(2 * depth))
         self.resid_drop = nn.Dropout(dropout)
 
-    def _impl(self, x: torch.Tensor) -> str:
-        if self.impl != "auto":
+    @property
+    def sparse(self) -> bool:
+        """Does training compute this layer blockwise (no (L, L) mask)?"""
+        return self.impl in ("auto", "sparse") and self.layout.kind != "full"
+
+    def _dense_impl(self, x: torch.Tensor) -> str:
+        if self.impl in ("sdpa", "matmul"):
             return self.impl
         return "matmul" if x.device.type == "cpu" else "sdpa"
 
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
         cache: tuple | None = None,
         start: int = 0,
-        is_causal: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, S, _ = x.shape
         H, D = self.heads, self.head_dim
+        lay = self.layout
         # (B, S, 3*H*D) -> 3 x (B, H, S, D)
         q, k, v = self.qkv(x).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         end = start + S
+        dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             k_buf, v_buf = cache  # (B, H, L, D) each, preallocated
             k_buf[:, :, start:end] = k
             v_buf[:, :, start:end] = v
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, H, end, D)
+            rows = lay.rows(start, end, x.device) if rows is None else rows  # (S, end)
+            y = attend(q, k, v, rows, impl=self._dense_impl(x), dropout_p=dropout_p)
         elif start != 0:
             raise ValueError("start must be 0 without a cache")
-        rows = mask[start:end, :end]  # (S, end): this layer's mask rows for these positions
-        y = attend(
-            q,
-            k,
-            v,
-            rows,
-            impl=self._impl(x),
-            is_causal=is_causal and cache is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        elif self.sparse:
+            y = sparse_attend(
+                q,
+                k,
+                v,
+                lay.kind,
+                lay.text_len,
+                lay.grid,
+                lay.conv_kernel,
+                text_impl=self._dense_impl(x),
+                dropout_p=dropout_p,
+            )
+        else:
+            y = attend(
+                q,
+                k,
+                v,
+                lay.rows(0, S, x.device),  # (S, S)
+                impl=self._dense_impl(x),
+                is_causal=lay.kind == "full",
+                dropout_p=dropout_p,
+            )
         y = y.transpose(1, 2).reshape(B, S, H * D)  # (B, S, H*D)
         return self.resid_drop(self.proj(y))

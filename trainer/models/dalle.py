@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models.attention import (
+    ATTN_IMPLS,
     ATTN_PATTERNS,
     KVCache,
     Linear,
     SelfAttention,
+    SeqLayout,
     attention_schedule,
-    build_attention_mask,
+    local_window,
 )
 
 
@@ -57,7 +59,9 @@ class DalleConfig:
     text_replace_p: float = 0.0  # training: chance each caption token is replaced by a random id
     text_loss_weight: float = 1 / 8  # weight of the text cross-entropy (DALL-E: 1/8)
     image_loss_weight: float = 7 / 8  # weight of the image cross-entropy (DALL-E: 7/8)
-    attn_impl: Literal["auto", "sdpa", "matmul"] = "auto"  # auto: matmul on CPU, SDPA elsewhere
+    # auto/sparse: row/col/conv layers computed blockwise (no L x L mask); full layers dense
+    # (explicit matmul on CPU, SDPA elsewhere). sdpa/matmul: dense masks everywhere (reference)
+    attn_impl: Literal["auto", "sparse", "sdpa", "matmul"] = "auto"
 
     def __post_init__(self):
         positive = (
@@ -98,9 +102,9 @@ class DalleConfig:
         for name in ("text_loss_weight", "image_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DalleConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.attn_impl not in ("auto", "sdpa", "matmul"):
+        if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(
-                f"DalleConfig.attn_impl must be auto, sdpa or matmul, got {self.attn_impl!r}"
+                f"DalleConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}"
             )
 
     @property
@@ -133,8 +137,8 @@ PRESETS: dict[str, dict] = {
         conv_kernel=3,
     ),
     # the bundled digits demo: trains in minutes on 2 CPU cores. Full causal attention: on an 8x8
-    # grid it costs the same as the sparse masks (dense masks on CPU), and with only 4 layers the
-    # row/column schedule cannot connect every earlier cell of the image to the next one.
+    # grid sparsity saves little, and with only 4 layers the row/column schedule cannot connect
+    # every earlier cell of the image to the next one.
     "digits": dict(
         text_vocab=1024,
         text_len=24,
@@ -216,7 +220,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: DalleConfig):
+    def __init__(self, cfg: DalleConfig, kind: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.dim)
         self.attn = SelfAttention(
@@ -224,6 +228,7 @@ class Block(nn.Module):
             cfg.heads,
             cfg.head_dim,
             depth=cfg.depth,
+            layout=SeqLayout(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel),
             dropout=cfg.dropout,
             impl=cfg.attn_impl,
         )
@@ -233,12 +238,11 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
         cache: tuple | None = None,
         start: int = 0,
-        is_causal: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, start, is_causal)  # (B, S, C)
+        x = x + self.attn(self.ln_1(x), cache, start, rows)  # (B, S, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -262,30 +266,11 @@ class DalleTransformer(nn.Module):
         self.image_row_pos = Embedding(c.image_grid, c.dim)  # added: row + column embedding
         self.image_col_pos = Embedding(c.image_grid, c.dim)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
+        self.layer_kinds = attention_schedule(c.attn_pattern, c.depth)  # mask kind per block
+        self.blocks = nn.ModuleList(Block(c, kind) for kind in self.layer_kinds)
         self.ln_f = nn.LayerNorm(c.dim)
         self.text_head = Linear(c.dim, c.text_vocab_internal, bias=False)
         self.image_head = Linear(c.dim, c.image_vocab, bias=False)
-        self.layer_kinds = attention_schedule(c.attn_pattern, c.depth)  # mask kind per block
-        self.reset_masks()
-
-    # ---- masks ------------------------------------------------------------------------------
-
-    def reset_masks(self) -> None:
-        """(Re)build the (L, L) boolean mask of each kind in use as a non-persistent buffer.
-
-        Called by __init__; call it again after `to_empty()` (e.g. after building on the meta
-        device), since that leaves buffers uninitialised. Masks are not in the state dict.
-        """
-        device = self.text_emb.weight.device
-        for kind in sorted(set(self.layer_kinds)):
-            mask = build_attention_mask(
-                kind, self.cfg.text_len, self.cfg.image_grid, self.cfg.conv_kernel, device=device
-            )
-            self.register_buffer(f"mask_{kind}", mask, persistent=False)
-
-    def _mask(self, kind: str) -> torch.Tensor:
-        return getattr(self, f"mask_{kind}")  # (L, L) bool
 
     # ---- tokens and embeddings --------------------------------------------------------------
 
@@ -339,9 +324,8 @@ class DalleTransformer(nn.Module):
             )
         x = torch.cat([self._embed_text(text), self._embed_image(image[:, :-1].long(), 0)], 1)
         x = self.drop(x)  # (B, L', C), L' = T + N input positions
-        for block, kind in zip(self.blocks, self.layer_kinds, strict=True):
-            # plain causal: let SDPA use its causal kernel (equal to the "full" mask; tested)
-            x = block(x, self._mask(kind), is_causal=kind == "full")
+        for block in self.blocks:  # each block knows its mask kind (masks built as needed)
+            x = block(x)
         x = self.ln_f(x)
         T = c.text_len
         # position i < T holds BOS/text i-1 and predicts text i; position T+j predicts image j
@@ -383,9 +367,12 @@ class DalleTransformer(nn.Module):
 
     def _run_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Positions cache.pos .. +S-1 through all blocks; logits (B, V_img) of the last one."""
-        start = cache.pos
+        start, end = cache.pos, cache.pos + x.shape[1]
+        rows = {}  # kind -> mask rows (S, end) of these positions, shared by its layers
         for i, (block, kind) in enumerate(zip(self.blocks, self.layer_kinds, strict=True)):
-            x = block(x, self._mask(kind), (cache.keys[i], cache.values[i]), start)
+            if kind not in rows:
+                rows[kind] = block.attn.layout.rows(start, end, x.device)
+            x = block(x, (cache.keys[i], cache.values[i]), start, rows[kind])
         cache.pos = start + x.shape[1]
         return self.image_head(self.ln_f(x[:, -1]))  # (B, V_img)
 
@@ -402,15 +389,25 @@ class DalleTransformer(nn.Module):
         """Training FLOPs per text+image token: 6 x matmul params + attention (PaLM appendix B).
 
         Heads are counted where they run (text head on text positions, image head on image
-        positions); attention as 12 * depth * heads * head_dim * L (dense masks: every
-        pattern computes the full L x L scores).
+        positions); attention as 12 * heads * head_dim * (keys a query scores), summed over
+        layers: L keys for a dense layer (the full L x L scores, as PaLM counts causal ones);
+        for a sparse layer text queries score BOS + text and image queries BOS + text + their
+        block window (what `sparse_attend` computes, padding included).
         """
         c = self.cfg
         block = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
         heads = (c.text_len * c.text_vocab_internal + c.image_len * c.image_vocab) * c.dim
         heads /= c.text_len + c.image_len  # per-token average over the two heads
-        attn = 12 * c.depth * c.heads * c.head_dim * c.seq_len
-        return 6.0 * (block + heads) + attn
+        n_text = c.text_len + 1
+        keys = 0.0  # keys scored per query, summed over layers
+        for blk in self.blocks:
+            if blk.attn.sparse:
+                win = local_window(blk.attn.layout.kind, c.image_grid, c.conv_kernel)
+                window = (win.prev + 1) * c.image_grid
+                keys += (n_text * n_text + c.image_len * (n_text + window)) / c.seq_len
+            else:
+                keys += c.seq_len
+        return 6.0 * (block + heads) + 12 * c.heads * c.head_dim * keys
 
 
 def compute_dalle_loss(
