@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from data_pipeline import fs
 from trainer import checkpoint as ckpt_io
+from trainer import distributed as tdist
 from trainer.config import TrainConfig, from_dict, to_yaml
 from trainer.engine import (
     DTYPES,
@@ -98,7 +99,8 @@ def train_loop_per_worker(config: dict) -> None:
             active = active_parts(objective, parts, state.step)
             losses, metrics = compute_losses(objective, engines, batch, active)
             losses[parts[0]] = nan_hook(cfg, losses[parts[0]], state.step, nan_fired)
-            if not all_ranks_finite(torch.stack([v.detach().float() for v in losses.values()])):
+            flat = torch.stack([v.detach().float() for v in losses.values()])
+            if not all_ranks_finite(flat, engine_device(engines)):
                 # Skip on every rank together: a partial backward would desync the collectives.
                 state.skipped_steps += 1
                 bad_in_a_row += 1
@@ -284,11 +286,16 @@ def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
             yield batch
 
 
-def all_ranks_finite(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([1.0 if torch.isfinite(loss.detach()).all() else 0.0])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() == 1.0)
+def engine_device(engines: dict) -> torch.device:
+    """The device this rank computes on (every part's engine shares it): where every tensor
+    handed to a collective lives (NCCL takes CUDA tensors only)."""
+    return next(iter(engines.values())).device
+
+
+def all_ranks_finite(values: torch.Tensor, device: torch.device) -> bool:
+    """True when every element of `values` (this rank's losses) is finite on every rank; the
+    flag is reduced on `device`, the engine's."""
+    return tdist.all_ranks_finite(values, device)
 
 
 def check_bad_steps(bad_in_a_row: int, cfg: TrainConfig) -> None:
@@ -299,49 +306,89 @@ def check_bad_steps(bad_in_a_row: int, cfg: TrainConfig) -> None:
         )
 
 
-def resume(
-    engines: dict, run: fs.Location, rank: int, callbacks: list = ()
-) -> ckpt_io.TrainState:
-    """Load the newest complete checkpoint of `run` into every part's engine (model and optimizer
-    state) and every callback's per-rank state; fresh state if none."""
-    for step, loc in ckpt_io.list_complete(run):
-        local = ckpt_io.staging_dir(f"load-r{rank}")
-        try:
-            ckpt_io.download(loc, local, rank=rank)
-        except (ValueError, OSError) as e:
-            print(f"[t2i] rank {rank}: skipping checkpoint {loc.uri}: {e}", flush=True)
-            shutil.rmtree(local, ignore_errors=True)
-            continue
-        for part, engine in engines.items():
-            ds = os.path.join(local, ckpt_io.ds_dir(part))
-            if not os.path.isdir(os.path.join(ds, ckpt_io.DS_TAG)):
-                # DeepSpeed would only warn and train on from scratch.
-                raise ValueError(
-                    f"{loc.uri}: no DeepSpeed state for part {part!r} ({ckpt_io.ds_dir(part)}/): "
-                    f"this run's checkpoints were written by a different objective"
-                )
-            engine.load_checkpoint(
-                ds, tag=ckpt_io.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-        from safetensors.torch import load_file
+class ResumeError(RuntimeError):
+    """The checkpoint rank 0 chose cannot be loaded on every rank."""
 
-        rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
-        if os.path.exists(rng):
-            torch.set_rng_state(load_file(rng)["torch_cpu"])
-        else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
-            torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
-        for cb in callbacks:
-            path = os.path.join(local, callback_file(cb, rank))
-            if not os.path.exists(path):
-                raise ValueError(f"{loc.uri}: no {cb.name} state for rank {rank} ({path})")
-            cb.load_state_dict(load_file(path), source=loc.uri)
-        with open(os.path.join(local, "train_state.json")) as f:
-            state = from_dict(ckpt_io.TrainState, json.load(f), source=loc.uri)
+
+def resume(engines: dict, run: fs.Location, rank: int, callbacks: list = ()) -> ckpt_io.TrainState:
+    """Load one checkpoint of `run` into every part's engine (model and optimizer state) and
+    every callback's per-rank state; fresh state if there is none.
+
+    Decided once: rank 0 picks the newest complete checkpoint that it can read
+    (`pick_checkpoint`) and broadcasts its step; every rank loads that one. If any rank cannot,
+    every rank stops with a `ResumeError` naming it: ranks never resume at different steps (a
+    per-rank fallback to an older checkpoint would train them on different weights)."""
+    local = ckpt_io.staging_dir(f"load-r{rank}")
+    try:
+        step = pick_checkpoint(run, local) if rank == 0 else None
+        step = tdist.broadcast_object(step)
+        if step is None:
+            return ckpt_io.TrainState()
+        loc = run.join("checkpoints", ckpt_io.step_dir_name(step))
+        error = ""
+        if rank != 0:  # rank 0 already holds its files
+            try:
+                ckpt_io.download(loc, local, rank=rank)
+            except (ValueError, OSError) as e:
+                error = f"rank {rank}: {e}"
+        errors = [e for e in tdist.gather_objects(error) if e]
+        if errors:
+            raise ResumeError(
+                f"cannot resume from {loc.uri} (step {step}), the newest complete checkpoint "
+                f"rank 0 could read: {'; '.join(errors)}. No rank falls back to an older one; "
+                f"fix the storage error, or delete that checkpoint directory, and run again"
+            )
+        state = load_staged(engines, local, loc, step, rank, callbacks)
+    finally:
         shutil.rmtree(local, ignore_errors=True)
-        if rank == 0:
-            print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
-        return state
-    return ckpt_io.TrainState()
+    if rank == 0:
+        print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
+    return state
+
+
+def pick_checkpoint(run: fs.Location, local: str) -> int | None:
+    """Rank 0's choice: the step of the newest complete checkpoint whose rank-0 files download
+    and verify into `local` (left there), or None when there is none."""
+    for step, loc in ckpt_io.list_complete(run):
+        try:
+            ckpt_io.download(loc, local, rank=0)
+            return step
+        except (ValueError, OSError) as e:
+            print(f"[t2i] rank 0: skipping checkpoint {loc.uri}: {e}", flush=True)
+            shutil.rmtree(local, ignore_errors=True)
+            os.makedirs(local)
+    return None
+
+
+def load_staged(
+    engines: dict, local: str, loc: fs.Location, step: int, rank: int, callbacks: list
+) -> ckpt_io.TrainState:
+    """Restore a downloaded checkpoint (`local`, fetched from `loc`) into this rank."""
+    from safetensors.torch import load_file
+
+    for part, engine in engines.items():
+        ds = os.path.join(local, ckpt_io.ds_dir(part))
+        if not os.path.isdir(os.path.join(ds, ckpt_io.DS_TAG)):
+            # DeepSpeed would only warn and train on from scratch.
+            raise ValueError(
+                f"{loc.uri}: no DeepSpeed state for part {part!r} ({ckpt_io.ds_dir(part)}/): "
+                f"this run's checkpoints were written by a different objective"
+            )
+        engine.load_checkpoint(
+            ds, tag=ckpt_io.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
+    if os.path.exists(rng):
+        torch.set_rng_state(load_file(rng)["torch_cpu"])
+    else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
+        torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
+    for cb in callbacks:
+        path = os.path.join(local, callback_file(cb, rank))
+        if not os.path.exists(path):
+            raise ValueError(f"{loc.uri}: no {cb.name} state for rank {rank} ({path})")
+        cb.load_state_dict(load_file(path), source=loc.uri)
+    with open(os.path.join(local, "train_state.json")) as f:
+        return from_dict(ckpt_io.TrainState, json.load(f), source=loc.uri)
 
 
 def callback_file(cb, rank: int) -> str:
@@ -366,9 +413,7 @@ def save(
     from safetensors.torch import save_file
 
     finite = all(local_params_finite(e) for e in engines.values())
-    ok = torch.tensor([1.0 if finite else 0.0])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if ok.item() != 1.0:
+    if not tdist.all_ranks_true(finite, engine_device(engines)):
         raise NonFiniteError(f"refusing to checkpoint step {state.step}: parameters are not finite")
     dest = run.join("checkpoints", ckpt_io.step_dir_name(state.step))
     local = ckpt_io.staging_dir(f"save-r{rank}")

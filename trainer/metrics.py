@@ -44,13 +44,11 @@ def peak_rss_gib() -> float:
 
 
 def all_ranks_sum(value: float) -> float:
-    """Sum over the data-parallel ranks (a collective: every rank must call it)."""
-    import torch.distributed as dist
+    """Sum over the data-parallel ranks (a collective: every rank must call it), reduced on the
+    process group's device (CUDA under NCCL) by the one helper in trainer/distributed.py."""
+    from trainer.distributed import collective_device, dist_sum
 
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return float(t.item())
+    return dist_sum(value, collective_device())
 
 
 def compute_mfu(tokens_per_s_per_worker: float, flops_per_token: float, peak_flops: float) -> float:

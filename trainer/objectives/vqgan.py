@@ -66,7 +66,9 @@ class VqganObjective:
         self.step = 0  # optimizer step, from the loop's on_step hook
         self._flops_per_token = 0.0
         self._fake: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, sg[x_rec]) for D
-        self._usage = torch.zeros(m.n_embed, dtype=torch.float64)  # codes since last restart
+        # Code counts since the last restart; moved to the codes' device with the first batch
+        # (a CPU buffer would not take CUDA counts, nor could NCCL reduce it).
+        self._usage = torch.zeros(m.n_embed, dtype=torch.float64)
         self._restarted_at = 0
         self._perceptual = None  # built on first use: the driver never needs VGG
         if m.perceptual_weight > 0 and not m.perceptual_weights:
@@ -155,6 +157,8 @@ class VqganObjective:
                 from trainer.models.perceptual import VggPerceptualLoss
 
                 self._perceptual = VggPerceptualLoss(m.perceptual_weights)
+            # A frozen feature net outside the engines: it follows the images' device.
+            self._perceptual.to(x.device)
             p_loss = self._perceptual(x.float(), recon.float()).mean()
             nll = nll + m.perceptual_weight * p_loss
         return nll, rec_loss, p_loss
@@ -178,6 +182,7 @@ class VqganObjective:
             loss = loss + d_weight * m.disc_factor * g_loss
             self._fake = (x.detach(), recon.detach())
         with torch.no_grad():
+            self._usage = self._usage.to(codes.device)  # a no-op after the first batch
             self._usage += torch.bincount(codes.reshape(-1), minlength=m.n_embed).double()
             used, perplexity = compute_code_usage(codes, m.n_embed)
             psnr = compute_psnr(to_image_range(recon), to_image_range(x))
@@ -232,19 +237,23 @@ class VqganObjective:
         if not every or self.step == 0 or self.step % every or self._restarted_at == self.step:
             return 0
         self._restarted_at = self.step
-        usage = self._usage.clone()
+        ae = engines[MODEL]
+        # The model's device (multi-part objectives run ZeRO <= 2: parameters are whole there):
+        # every tensor of the two collectives below lives on it, as NCCL requires.
+        device = next(ae.module.parameters()).device
+        usage = self._usage.to(device=device, copy=True)  # float64 (n_embed,)
         self._usage.zero_()
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
-            dist.all_reduce(usage)
+            dist.all_reduce(usage)  # float64 (n,) on every rank
         dead = (usage < self.model_cfg.dead_code_min_uses).nonzero().flatten()
         if not len(dead):
             return 0
-        ae = engines[MODEL]
-        z = ae.module.encode_pre_quant(self.images(ae, batch))  # (B, D, h, w)
-        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B*h*w, D)
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
-        picks = z[torch.randint(len(z), (len(dead),), generator=g)]
+        z = ae.module.encode_pre_quant(self.images(ae, batch).to(device))  # (B, D, h, w)
+        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B*h*w, D) fp32
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)  # same on all ranks
+        rows = torch.randint(len(z), (len(dead),), generator=g).to(device)
+        picks = z[rows].contiguous()  # (n_dead, D) fp32 on `device`
         if distributed:
             dist.broadcast(picks, src=0)  # every rank writes the same rows
         weight = ae.module.quantize.embedding.weight

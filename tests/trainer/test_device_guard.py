@@ -1,0 +1,388 @@
+"""Collectives are device-honest, and resume is decided once.
+
+NCCL refuses any tensor that is not on the GPU ("Tensors must be CUDA and dense"); on a CPU-only
+machine every tensor is on the CPU, so a run cannot show that bug by itself. `CollectiveGuard`
+wraps the tensor collectives of `torch.distributed` (the namespace our code and DeepSpeed's comm
+layer call) and fails on any tensor that is not on the device the run declares:
+
+  * with a real DeepSpeed run (world of one, a real gloo process group, the real loop), the
+    declared device is the engine's (`engine.device`): every objective, single- and multi-part,
+    a few steps, a checkpoint and a resume;
+  * with the loop's collective functions driven by engines on torch's `lazy` device (a second,
+    non-CPU device that computes on this CPU), the declared device is `lazy`: a tensor built on
+    the CPU instead of the engine's device fails there exactly as NCCL fails on a GPU. The guard
+    runs those collectives on a CPU copy for gloo and writes the result back.
+
+torch's object collectives (`broadcast_object_list`, `all_gather_object`) pick their device from
+the group's backend themselves and are not checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+import torch.distributed as dist
+
+from data_pipeline import fs
+from tests.conftest import free_port
+from trainer import checkpoint as ck
+from trainer import distributed as tdist
+from trainer import loop
+from trainer.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "jobs" / "configs"
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce",
+    "all_to_all_single",
+    "scatter",
+    "gather",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
+
+
+class DeviceError(AssertionError):
+    pass
+
+
+class CollectiveGuard:
+    """Within `with guard:`, every tensor handed to a `torch.distributed` collective must be
+    dense and on `device`; else `DeviceError` (raised at the call and recorded in `errors`)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.monkeypatch = pytest.MonkeyPatch()
+        self.calls: list[tuple[str, str, str]] = []  # (collective, dtype, caller file)
+        self.errors: list[str] = []
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        d = self.device
+        return t.device.type == d.type and (d.index is None or t.device.index == d.index)
+
+    def __enter__(self):
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                self.monkeypatch.setattr(dist, name, self.wrap(name, getattr(dist, name)))
+        return self
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+    def wrap(self, name, original):
+        def guarded(*args, **kwargs):
+            tensors = [
+                t
+                for v in (*args, *kwargs.values())
+                for t in (v if isinstance(v, (list, tuple)) else [v])
+                if isinstance(t, torch.Tensor)
+            ]
+            caller = sys._getframe(1).f_code.co_filename
+            for t in tensors:
+                if not self.on_device(t) or t.layout != torch.strided:
+                    msg = (
+                        f"{name} got a {t.layout} {t.dtype} tensor on {t.device} from {caller}; "
+                        f"the run's device is {self.device} (NCCL: Tensors must be CUDA and dense)"
+                    )
+                    self.errors.append(msg)
+                    raise DeviceError(msg)
+                self.calls.append((name, str(t.dtype), caller))
+            if self.device.type in ("cpu", "cuda"):
+                return original(*args, **kwargs)
+            # A device gloo cannot use (lazy): the collective on CPU copies, written back.
+            host_args = [_to_cpu(a) for a in args]
+            host_kwargs = {k: _to_cpu(v) for k, v in kwargs.items()}
+            out = original(*host_args, **host_kwargs)
+            for dev, host in zip(
+                (*args, *kwargs.values()), (*host_args, *host_kwargs.values()), strict=True
+            ):
+                for d, h in zip(_as_list(dev), _as_list(host), strict=True):
+                    if isinstance(d, torch.Tensor):
+                        d.copy_(h.to(d.device))
+            return out
+
+        return guarded
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _to_cpu(v):
+    if isinstance(v, torch.Tensor):
+        return v.cpu()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to_cpu(x) for x in v)
+    return v
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A real gloo process group of one rank in this process (what Ray Train sets up)."""
+    if dist.is_initialized():
+        pytest.fail("a process group is already initialized in this test process")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def lazy():
+    """torch's lazy-tensor device (TorchScript backend on this CPU): not the CPU."""
+    import torch._lazy
+    import torch._lazy.ts_backend
+
+    torch._lazy.ts_backend.init()
+    return torch.device("lazy", 0)
+
+
+# ---- the guard itself -------------------------------------------------------------------------
+
+
+def test_guard_fails_on_a_host_tensor_when_the_run_is_on_another_device(
+    world_of_one, lazy, monkeypatch
+):
+    """What main did before (a flag built with `torch.tensor([...])`, on the CPU) is refused; the
+    same flag on the run's device goes through and is reduced."""
+    with CollectiveGuard(lazy) as guard:
+        with pytest.raises(DeviceError, match="on cpu .* the run's device is lazy"):
+            dist.all_reduce(torch.tensor([1.0]), op=dist.ReduceOp.MIN)
+        flag = torch.ones(1, device=lazy)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        assert flag.item() == 1.0 and flag.device.type == "lazy"
+    assert len(guard.errors) == 1
+
+
+# ---- the loop's collective functions on a non-CPU device ------------------------------------
+
+
+def fake_engine(device: torch.device, module: torch.nn.Module):
+    """What the loop's save/resume use of a DeepSpeed engine: device, module, save and load."""
+
+    def save_checkpoint(path, tag, save_latest):
+        os.makedirs(os.path.join(path, tag), exist_ok=True)
+        state = {k: v.cpu() for k, v in module.state_dict().items()}
+        torch.save(state, os.path.join(path, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+
+    def load_checkpoint(path, tag, **_):
+        state = torch.load(os.path.join(path, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+        module.load_state_dict({k: v.to(device) for k, v in state.items()})
+
+    return SimpleNamespace(
+        device=device,
+        module=module,
+        save_checkpoint=save_checkpoint,
+        load_checkpoint=load_checkpoint,
+    )
+
+
+def test_loop_collectives_use_the_engine_device(world_of_one, lazy, monkeypatch, tmp_path):
+    """all_ranks_finite, save's finiteness flag, resume's agreement, all_ranks_sum: with the
+    engine on a non-CPU device, every tensor they hand to a collective is on that device."""
+    from trainer.metrics import all_ranks_sum
+
+    cfg = load_config(TrainConfig, CONFIGS / "dalle_tiny.yaml", ["name=lazy"])
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2).to(lazy)
+    engines = {"model": fake_engine(lazy, module)}
+    run = fs.resolve(str(tmp_path)).join("lazy")
+    with CollectiveGuard(lazy) as guard:
+        losses = torch.stack(
+            [module(torch.ones(3, device=lazy)).sum(), torch.ones((), device=lazy)]
+        )
+        assert loop.all_ranks_finite(losses, loop.engine_device(engines))
+        assert not loop.all_ranks_finite(losses * float("nan"), loop.engine_device(engines))
+        monkeypatch.setattr(tdist, "collective_device", lambda: lazy)
+        assert all_ranks_sum(2.5) == 2.5
+        state = ck.TrainState(step=3, epoch=1, batches_in_epoch=2)
+        loop.save(engines, cfg, run, state, 0, 1, objective=None, export=False)
+        saved = {k: v.cpu().clone() for k, v in module.state_dict().items()}
+        with torch.no_grad():
+            module.weight.zero_()
+        assert loop.resume(engines, run, 0) == state
+    assert torch.equal(module.weight.cpu(), saved["weight"])
+    assert guard.errors == [] and len(guard.calls) >= 4
+
+
+def test_vqgan_dead_code_restart_reduces_on_the_model_device(world_of_one, lazy, monkeypatch):
+    """The restart's two collectives (usage counts, new rows) run on the model's device."""
+    from trainer.objectives.vqgan import VqganObjective
+
+    cfg = load_config(
+        TrainConfig,
+        CONFIGS / "vqgan_digits.yaml",
+        [
+            "vqgan.image_size=16",
+            "vqgan.ch_mult=[1, 2]",
+            "vqgan.n_embed=16",
+            "vqgan.z_channels=8",
+            "vqgan.embed_dim=4",
+            "vqgan.dead_code_every=1",
+        ],
+    )
+    objective = VqganObjective(cfg)
+    torch.manual_seed(0)
+    model = objective.build_parts()["model"].to(lazy)
+    monkeypatch.setattr("trainer.objectives.vqgan.set_full_param", _copy_param)
+    batch = {"image": torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, device=lazy)}
+    objective._usage[:4] = 5  # codes 0..3 used, the rest never
+    objective.on_step(1)
+    with CollectiveGuard(lazy) as guard:
+        n = objective.maybe_restart_dead_codes({"model": SimpleNamespace(module=model)}, batch)
+    assert n == 12 and guard.errors == []
+    assert [c[:2] for c in guard.calls] == [
+        ("all_reduce", "torch.float64"),
+        ("broadcast", "torch.float32"),
+    ]
+
+
+def _copy_param(param, value):  # no DeepSpeed optimizer here: the module copy only
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+# ---- every objective, for real -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from data_pipeline.digits import build_digits
+    from trainer.config import DigitsConfig
+
+    out = tmp_path_factory.mktemp("digits")
+    build_digits(DigitsConfig(out=str(out), photos=0), log=lambda *_: None)
+    return out
+
+
+def objective_config(objective: str, storage: Path, digits: Path, *extra: str) -> TrainConfig:
+    """A tiny config of `objective` (the tests' own sizes), 1 worker, fp32."""
+    shards = f"data.path={digits}/train"
+    per = {
+        "dalle": ("dalle_tiny.yaml", []),
+        "clip": (
+            "clip_digits.yaml",
+            [shards, f"clip.model_config={CONFIGS}/clip_digits_tiny.json", "data.batch_size=8"],
+        ),
+        "dvae": (
+            "dvae_digits.yaml",
+            [shards, "dvae.n_hid=16", "dvae.n_init=16", "dvae.vocab_size=32", "data.batch_size=8"],
+        ),
+        "vqgan": (
+            "vqgan_digits.yaml",
+            [
+                shards,
+                "vqgan.image_size=16",
+                "vqgan.ch_mult=[1, 2]",
+                "vqgan.n_embed=16",
+                "vqgan.z_channels=8",
+                "vqgan.embed_dim=4",
+                "vqgan.disc_ndf=8",
+                "vqgan.disc_start=0",  # both parts step from the start
+                "vqgan.dead_code_every=1",  # the restart's collectives run at step 1
+                "data.batch_size=8",
+            ],
+        ),
+        "klae": ("klae_digits.yaml", [shards, "data.batch_size=8", "klae.scale_batches=1"]),
+    }
+    name, overrides = per[objective]
+    return load_config(
+        TrainConfig,
+        CONFIGS / name,
+        [
+            f"name={objective}",
+            f"checkpoint.storage_path={storage}",
+            "scaling.num_workers=1",
+            "engine.precision=fp32",
+            "log_every=1",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep=0",
+            "failure_max_retries=0",
+            "optimizer.warmup_steps=1",
+            *overrides,
+            *extra,
+        ],
+    )
+
+
+def run_in_process(cfg: TrainConfig, monkeypatch) -> list[dict]:
+    """`train_loop_per_worker` in this process as rank 0 of 1: Ray Train's context, dataset
+    shard and report replaced by what they hand the loop. Returns the reported metrics."""
+    import ray.train
+
+    from trainer.launch import absolutize
+    from trainer.objectives import build_objective
+
+    cfg = absolutize(cfg)
+    storage = SimpleNamespace(
+        storage_filesystem=pafs.LocalFileSystem(),
+        experiment_fs_path=f"{cfg.checkpoint.storage_path}/{cfg.name}",
+    )
+    ctx = SimpleNamespace(
+        get_world_rank=lambda: 0, get_world_size=lambda: 1, get_storage=lambda: storage
+    )
+    for k, v in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+    }.items():
+        monkeypatch.setenv(k, v)  # what Ray Train's worker sets for DeepSpeed
+    reports: list[dict] = []
+    dataset = build_objective(cfg).dataset()
+    monkeypatch.setattr(ray.train, "get_context", lambda: ctx)
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: dataset)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **_: reports.append(metrics))
+    threads = torch.get_num_threads()
+    try:
+        loop.train_loop_per_worker({"cfg": dataclasses.asdict(cfg)})
+    finally:
+        torch.set_num_threads(threads)
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dalle", "clip", "dvae", "vqgan", "klae"])
+def test_every_objective_steps_saves_and_resumes_on_the_engine_device(
+    ray_local, world_of_one, digits, tmp_path, monkeypatch, objective
+):
+    """Two steps and a checkpoint, then a third step resumed from it, with every collective
+    (ours and DeepSpeed's) checked against the engine's device."""
+    from trainer.objectives import OBJECTIVES
+
+    assert objective in OBJECTIVES
+    guard = CollectiveGuard(torch.device("cpu"))
+    with guard:
+        first = run_in_process(
+            objective_config(objective, tmp_path, digits, "steps=2"), monkeypatch
+        )
+        again = run_in_process(
+            objective_config(objective, tmp_path, digits, "steps=3"), monkeypatch
+        )
+    assert [m["step"] for m in first] == [1, 2] and [m["step"] for m in again] == [3]
+    assert guard.errors == []
+    ours = {c[0] for c in guard.calls if c[2].endswith(os.path.join("trainer", "distributed.py"))}
+    assert "all_reduce" in ours, guard.calls  # the finiteness flags and metric sums
+    state = json.loads(
+        (tmp_path / objective / "checkpoints" / "step_00000003" / "train_state.json").read_text()
+    )
+    assert state["step"] == 3
+    if objective == "vqgan":  # the dead-code restart's reduction ran, on the model's device
+        assert any(c[2].endswith("vqgan.py") for c in guard.calls), guard.calls
