@@ -386,3 +386,83 @@ def test_every_objective_steps_saves_and_resumes_on_the_engine_device(
     assert state["step"] == 3
     if objective == "vqgan":  # the dead-code restart's reduction ran, on the model's device
         assert any(c[2].endswith("vqgan.py") for c in guard.calls), guard.calls
+
+
+# ---- resume is decided once ---------------------------------------------------------------------
+
+
+def write_checkpoint(run: fs.Location, step: int, world: int) -> None:
+    """A complete checkpoint as `save` lays it out (DeepSpeed files stand in as bytes)."""
+    from safetensors.torch import save_file
+
+    local = Path(ck.staging_dir("fake"))
+    for r in range(world):
+        shard = local / "ds" / ck.DS_TAG / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(f"step {step} rank {r}".encode())
+        save_file({"torch_cpu": torch.get_rng_state()}, str(local / f"rng_rank{r:05d}.safetensors"))
+    (local / "train_state.json").write_bytes(ck.state_to_json(ck.TrainState(step=step)))
+    dest = run.join("checkpoints", ck.step_dir_name(step))
+    ck.write_manifest(dest, step, ck.upload_dir(str(local), dest))
+
+
+def _resume_rank(rank: int, port: int, storage: str, failing_rank: int, out: str) -> None:
+    """One rank of a 2-rank gloo world: resume, with `failing_rank`'s download of the newest
+    checkpoint (step 4) failing as a flaky store would. Writes what this rank got to `out`."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    download = ck.download
+
+    def flaky(loc, local_root, *, rank=None):
+        if rank == failing_rank and loc.path.endswith(ck.step_dir_name(4)):
+            raise OSError(f"injected read error on rank {rank}")
+        return download(loc, local_root, rank=rank)
+
+    ck.download = flaky
+    loaded: list[str] = []
+    engine = SimpleNamespace(
+        device=torch.device("cpu"), load_checkpoint=lambda path, **_: loaded.append(path)
+    )
+    try:
+        state = loop.resume({"model": engine}, fs.resolve(storage).join("run"), rank)
+        result = {"step": state.step, "loaded": len(loaded)}
+    except loop.ResumeError as e:
+        result = {"error": str(e)}
+    finally:
+        dist.destroy_process_group()
+    Path(out).write_text(json.dumps(result))
+
+
+def resume_two_ranks(tmp_path: Path, failing_rank: int) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    run = fs.resolve(str(tmp_path)).join("run")
+    for step in (2, 4):
+        write_checkpoint(run, step, world=2)
+    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
+    port = free_port()
+    procs = [
+        mp.get_context("spawn").Process(
+            target=_resume_rank, args=(r, port, str(tmp_path), failing_rank, outs[r])
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0, f"a rank exited with {p.exitcode}"
+    return [json.loads(Path(o).read_text()) for o in outs]
+
+
+def test_ranks_never_resume_from_different_checkpoints(tmp_path):
+    """Rank 1 cannot read the newest checkpoint (step 4). Before: rank 0 resumed at step 4 and
+    rank 1 silently fell back to step 2. Now every rank stops with an error naming step 4."""
+    got = resume_two_ranks(tmp_path, failing_rank=1)
+    for r in got:
+        assert "error" in r, got
+        assert "step_00000004" in r["error"] and "rank 1: injected read error" in r["error"]
+
+
+def test_rank0_skips_a_checkpoint_it_cannot_read_and_every_rank_follows(tmp_path):
+    got = resume_two_ranks(tmp_path, failing_rank=0)
+    assert got == [{"step": 2, "loaded": 1}, {"step": 2, "loaded": 1}]
