@@ -6,17 +6,23 @@ standard AWS environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_DEFAU
 Credentials are never passed here: pyarrow's S3 client reads them from the environment or the
 AWS credential chain, so they cannot leak into configs, logs or checkpoints.
 
-Writes are commit-style (`write_bytes_atomic`, `open_output_atomic`): a reader never sees a
-partial file under its final name.
+Writes are commit-style (`write_bytes_atomic`, `open_output_atomic`, `upload_file`): a reader
+never sees a partial file under its final name. `upload_file` (checkpoints, exports) has no size
+ceiling: on S3 it uploads straight to the final key, in parts when large.
+
+S3 clients get retries with exponential backoff and connect/request timeouts from `S3Options`
+(the job config's `storage` section via `resolve(..., storage=cfg.storage)`, else defaults).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -41,8 +47,84 @@ class Location:
         return Location(self.fs, path, uri)
 
 
-def s3_filesystem(endpoint_url: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
-    """An S3 filesystem for `endpoint_url`/`region`, defaulting to the AWS environment variables."""
+# S3 client defaults; `StorageConfig` (trainer/config.py) carries the same values as config keys.
+DEFAULT_MAX_ATTEMPTS = 10  # attempts per request, the first included (1: no retry)
+DEFAULT_CONNECT_TIMEOUT_S = 10.0  # TCP/TLS connect
+DEFAULT_REQUEST_TIMEOUT_S = 60.0  # a request whose transfer stalls this long is retried
+DEFAULT_PART_SIZE_MB = 64  # multipart upload part size (large files: checkpoints, exports)
+
+# S3's multipart limits: parts of 5 MiB..5 GiB (the last may be smaller), at most 10,000 parts.
+MIN_PART_BYTES = 5 << 20
+MAX_PART_BYTES = 5 << 30
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Retry and timeout settings of one S3 client. Retries use the AWS SDK's "standard" strategy:
+    exponential backoff with jitter on throttling (503 SlowDown), 5xx, reset connections and
+    timeouts. Both clients built here (pyarrow for reads/listing/small writes, boto3 for multipart
+    uploads) get the same settings."""
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    part_size_mb: int = DEFAULT_PART_SIZE_MB
+
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.connect_timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError(
+                f"storage timeouts must be > 0, got connect_timeout_s={self.connect_timeout_s}, "
+                f"request_timeout_s={self.request_timeout_s}"
+            )
+        if not 5 <= self.part_size_mb <= 5 * 1024:
+            raise ValueError(f"storage.part_size_mb must be in 5..5120, got {self.part_size_mb}")
+
+
+class S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps its retry strategy when pickled (Ray ships the storage
+    filesystem to every worker; pyarrow's own pickling drops `retry_strategy` and falls back to 3
+    attempts) and remembers its options for the boto3 client of `upload_file`."""
+
+    def __init__(self, *, options: S3Options, **kwargs):
+        super().__init__(
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
+            connect_timeout=options.connect_timeout_s,
+            request_timeout=options.request_timeout_s,
+            **kwargs,
+        )
+        self.options = options
+        self.kwargs = kwargs  # region, endpoint_override, scheme: no credentials
+
+    def __reduce__(self):
+        return (_rebuild_s3, (self.options, self.kwargs))
+
+
+def _rebuild_s3(options: S3Options, kwargs: dict) -> S3FileSystem:
+    return S3FileSystem(options=options, **kwargs)
+
+
+def s3_options(storage: object | None = None) -> S3Options:
+    """S3Options from a `StorageConfig`-like object (any object with its fields; this package does
+    not import `trainer`), defaults for fields it lacks or leaves None."""
+    return S3Options(
+        **{
+            f: getattr(storage, f)
+            for f in S3Options.__dataclass_fields__
+            if getattr(storage, f, None) is not None
+        }
+    )
+
+
+def s3_filesystem(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    options: S3Options | None = None,
+) -> S3FileSystem:
+    """An S3 filesystem for `endpoint_url`/`region`, defaulting to the AWS environment variables,
+    with `options`' retries and timeouts (defaults when None)."""
     endpoint_url = (
         endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     )
@@ -56,11 +138,21 @@ def s3_filesystem(endpoint_url: str | None = None, region: str | None = None) ->
             )
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**kwargs)
+    return S3FileSystem(options=options or S3Options(), **kwargs)
 
 
-def resolve(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> Location:
-    """Resolve a local path or `s3://bucket/prefix` to a `Location`."""
+def resolve(
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    storage: object | None = None,
+) -> Location:
+    """Resolve a local path or `s3://bucket/prefix` to a `Location`.
+
+    `storage` is a job's `StorageConfig` (or None): its endpoint and region are used where the
+    arguments leave them None, and its retry/timeout/part-size fields configure the S3 client.
+    """
     if not uri:
         raise ValueError("empty path")
     parsed = urlparse(uri)
@@ -68,7 +160,10 @@ def resolve(uri: str, *, endpoint_url: str | None = None, region: str | None = N
         if not parsed.netloc:
             raise ValueError(f"S3 path needs a bucket: {uri!r}")
         path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
-        return Location(s3_filesystem(endpoint_url, region), path, f"s3://{path}")
+        endpoint_url = endpoint_url or getattr(storage, "endpoint_url", None)
+        region = region or getattr(storage, "region", None)
+        filesystem = s3_filesystem(endpoint_url, region, s3_options(storage))
+        return Location(filesystem, path, f"s3://{path}")
     if parsed.scheme == "file":
         uri = parsed.path
     elif parsed.scheme and len(parsed.scheme) > 1:  # "C:" is a drive, anything longer a scheme
@@ -126,6 +221,100 @@ def open_output_atomic(loc: Location) -> Iterator:
 def write_bytes_atomic(loc: Location, data: bytes) -> None:
     with open_output_atomic(loc) as f:
         f.write(data)
+
+
+def plan_part_size(size: int, part_bytes: int) -> int:
+    """The part size for a multipart upload of `size` bytes: `part_bytes` (at least S3's 5 MiB),
+    grown in whole MiB when `size` would need more than S3's 10,000 parts. 64 MiB parts reach
+    625 GiB; bigger files get bigger parts, up to S3's 5 TiB object limit."""
+    part = max(part_bytes, MIN_PART_BYTES, -(-size // MAX_PARTS))
+    part = -(-part // (1 << 20)) << 20  # whole MiB
+    if part > MAX_PART_BYTES:
+        raise ValueError(f"{size} bytes exceed S3's object size limit (10,000 parts of 5 GiB)")
+    return part
+
+
+def _client_settings(filesystem: pafs.S3FileSystem) -> tuple[str | None, str, S3Options]:
+    """(endpoint URL, region, options) of a pyarrow S3 filesystem, for a boto3 client that talks
+    to the same service. A plain pyarrow filesystem (not built here) gets our default retries."""
+    if isinstance(filesystem, S3FileSystem):
+        kw, options = filesystem.kwargs, filesystem.options
+    else:
+        kw = pafs.S3FileSystem.__reduce__(filesystem)[1][0]  # pyarrow's own constructor kwargs
+        options = S3Options(
+            connect_timeout_s=kw.get("connect_timeout") or DEFAULT_CONNECT_TIMEOUT_S,
+            request_timeout_s=kw.get("request_timeout") or DEFAULT_REQUEST_TIMEOUT_S,
+        )
+    endpoint = kw.get("endpoint_override") or None
+    if endpoint:
+        endpoint = f"{kw.get('scheme') or 'https'}://{endpoint}"
+    return endpoint, kw.get("region") or "us-east-1", options
+
+
+@functools.lru_cache(maxsize=8)
+def _boto3_client(endpoint: str | None, region: str, options: S3Options):
+    """A boto3 S3 client (thread-safe, cached) with `options`' retries and timeouts; credentials
+    come from the environment / AWS credential chain, as for pyarrow."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": options.max_attempts, "mode": "standard"},
+        connect_timeout=options.connect_timeout_s,
+        read_timeout=options.request_timeout_s,
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=region, config=config
+    )
+
+
+def upload_file(
+    src: str,
+    loc: Location,
+    *,
+    part_bytes: int | None = None,
+    on_part: Callable[[int, int], None] | None = None,
+) -> None:
+    """Copy the local file `src` to `loc`, of any size, so that it appears only when complete.
+
+    Locally: a temporary file renamed into place. On S3: straight to the final key (no temporary
+    key and server-side copy, whose single CopyObject stops at 5 GiB) — one PutObject up to the part
+    size, else a multipart upload; S3 shows the object only once the upload completes. An error
+    aborts the upload; a killed process leaves an incomplete multipart upload, which no reader
+    sees (a bucket lifecycle rule, `AbortIncompleteMultipartUpload`, reclaims its parts).
+    `part_bytes` overrides the configured part size; `on_part(done, total)` runs after each part.
+    """
+    if not loc.is_s3:
+        with open(src, "rb") as f, open_output_atomic(loc) as out:
+            shutil.copyfileobj(f, out, 1 << 22)
+        return
+    endpoint, region, options = _client_settings(loc.fs)
+    client = _boto3_client(endpoint, region, options)
+    bucket, key = loc.path.split("/", 1)
+    size = os.path.getsize(src)
+    part = plan_part_size(size, part_bytes or options.part_size_mb << 20)
+    with open(src, "rb") as f:
+        if size <= part:
+            client.put_object(Bucket=bucket, Key=key, Body=f.read())
+            return
+        total = -(-size // part)
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        try:
+            parts = []
+            for number in range(1, total + 1):
+                reply = client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=f.read(part)
+                )
+                parts.append({"ETag": reply["ETag"], "PartNumber": number})
+                if on_part is not None:
+                    on_part(number, total)
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
 
 
 def file_digest(path: str) -> tuple[int, str]:

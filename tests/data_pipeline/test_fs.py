@@ -1,9 +1,14 @@
 import os
+import pickle
+from dataclasses import asdict, fields
 
+import numpy as np
 import pytest
 
 from data_pipeline import fs
 from data_pipeline.manifest import ManifestError, read_manifest, write_manifest
+from tests.s3_fault_proxy import FaultProxy, combine, every
+from trainer.config import StorageConfig
 
 
 def test_resolve_local_and_file_uri(tmp_path):
@@ -65,3 +70,72 @@ def test_manifest_versions(tmp_path):
     (tmp_path / "manifest.json").write_text("{oops")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(base, "fmt", (2,))
+
+
+def test_s3_options_from_config_survive_pickling():
+    """StorageConfig's retry/timeout fields reach the client, also after Ray pickles it."""
+    defaults = fs.S3Options()
+    assert {f.name: getattr(StorageConfig(), f.name) for f in fields(fs.S3Options)} == asdict(
+        defaults
+    )
+    cfg = StorageConfig(endpoint_url="http://127.0.0.1:9", max_attempts=4, request_timeout_s=7.0)
+    loc = fs.resolve("s3://b/p", storage=cfg)
+    back = pickle.loads(pickle.dumps(loc.fs))
+    assert isinstance(back, fs.S3FileSystem) and back.options == fs.S3Options(
+        max_attempts=4, request_timeout_s=7.0
+    )
+    assert fs._client_settings(back) == ("http://127.0.0.1:9", "us-east-1", back.options)
+    with pytest.raises(ValueError, match="max_attempts must be >= 1"):
+        fs.resolve("s3://b/p", storage=StorageConfig(max_attempts=0))
+
+
+def test_part_plan_has_no_5gib_ceiling():
+    """A 49 GB export (the 12B preset in fp32) fits S3's 10,000 parts; 1 TiB gets bigger parts."""
+    mib = 1 << 20
+    assert fs.plan_part_size(49 * 10**9, 64 * mib) == 64 * mib  # 731 parts
+    big = fs.plan_part_size(1 << 40, 64 * mib)
+    assert -(-(1 << 40) // big) <= fs.MAX_PARTS and big % mib == 0
+    assert fs.plan_part_size(100, 1) == fs.MIN_PART_BYTES
+    with pytest.raises(ValueError, match="object size limit"):
+        fs.plan_part_size(60 << 40, 64 * mib)
+
+
+# Of every 11 requests one gets a 503 and one a reset connection; every 13th answer comes late.
+FAULTS = combine(every(11, 1, "503"), every(11, 6, "reset"), every(13, 3, "delay"))
+
+
+def test_s3_through_faults_is_byte_identical(s3_server, s3_bucket, tmp_path):
+    """Reads, listings, small writes and multipart uploads complete through 503s, resets and
+    slow answers with the exact bytes (compared with a fault-free client's view)."""
+    rng = np.random.default_rng(0)
+    small = rng.bytes(3000)
+    big = rng.bytes(6 << 20)  # 2 parts of 5 MiB
+    (tmp_path / "big.bin").write_bytes(big)
+    opts = StorageConfig(max_attempts=6)
+    with FaultProxy(s3_server, FAULTS, delay_s=0.5) as proxy:
+        base = fs.resolve(f"s3://{s3_bucket}/faulty", endpoint_url=proxy.url, storage=opts)
+        for i in range(4):
+            fs.write_bytes_atomic(base.join(f"small{i}.bin"), small[i:])
+        fs.upload_file(str(tmp_path / "big.bin"), base.join("big.bin"), part_bytes=5 << 20)
+        fs.upload_file(str(tmp_path / "big.bin"), base.join("one.bin"), part_bytes=16 << 20)
+        listed = fs.list_files(base)
+        got = {p.rsplit("/", 1)[1]: fs.read_bytes(fs.Location(base.fs, p, p)) for p in listed}
+    assert min(proxy.seen["503"], proxy.seen["reset"], proxy.seen["delay"]) >= 3
+    direct = fs.resolve(f"s3://{s3_bucket}/faulty")  # fault-free, straight to moto
+    assert fs.list_files(direct) == listed
+    want = {f"small{i}.bin": small[i:] for i in range(4)} | {"big.bin": big, "one.bin": big}
+    assert got == want
+    assert {
+        p.rsplit("/", 1)[1]: fs.read_bytes(fs.Location(direct.fs, p, p)) for p in listed
+    } == want
+
+
+def test_s3_without_retries_fails_on_a_fault(s3_server, s3_bucket):
+    """The control: with max_attempts=1 the same proxy's first 503 is an error."""
+    with FaultProxy(s3_server, combine(every(1, 0, "503"))) as proxy:
+        base = fs.resolve(
+            f"s3://{s3_bucket}/x", endpoint_url=proxy.url, storage=StorageConfig(max_attempts=1)
+        )
+        with pytest.raises(OSError):
+            fs.write_bytes_atomic(base.join("a.bin"), b"data")
+    assert proxy.seen["503"] >= 1 and proxy.seen["ok"] == 0
