@@ -48,14 +48,14 @@ class StorageConfig:
 
     endpoint_url: str | None = None  # S3-compatible endpoint; default: $AWS_ENDPOINT_URL or AWS
     region: str | None = None  # default: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1
-
-
     # S3 client (same defaults as data_pipeline.fs.S3Options): retries back off exponentially with
     # jitter (AWS "standard" strategy) on 503 SlowDown, 5xx, reset connections and timeouts.
     max_attempts: int = 10  # attempts per request, the first included (1: no retry)
     connect_timeout_s: float = 10.0  # TCP/TLS connect timeout
     request_timeout_s: float = 60.0  # a request whose transfer stalls this long is retried
     part_size_mb: int = 64  # multipart part size for large uploads (grows past 10,000 parts)
+
+
 @dataclass
 class RayConfig:
     """How a command reaches Ray: in-process local instance by default."""
