@@ -24,12 +24,13 @@ safetensors, which cannot execute code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
@@ -72,14 +73,26 @@ def local_files(root: str) -> list[str]:
     return sorted(out)
 
 
-def upload_dir(local_root: str, dest: fs.Location) -> dict[str, dict]:
-    """Copy every file under `local_root` to `dest`; return {relpath: {bytes, sha256}}."""
+def upload_dir(
+    local_root: str,
+    dest: fs.Location,
+    *,
+    part_bytes: int | None = None,
+    on_part: Callable[[str, int, int], None] | None = None,
+) -> dict[str, dict]:
+    """Copy every file under `local_root` to `dest`; return {relpath: {bytes, sha256}}.
+
+    Files of any size go straight to their final names (`fs.upload_file`: multipart on S3, no
+    5 GiB server-side-copy ceiling); each appears only once complete, and the checkpoint only once
+    the manifest is written after all of them. `part_bytes` overrides the configured part size;
+    `on_part(relpath, parts_done, parts_total)` reports progress of multipart uploads.
+    """
     entries = {}
     for rel in local_files(local_root):
         src = os.path.join(local_root, rel)
         size, digest = fs.file_digest(src)
-        with open(src, "rb") as f, fs.open_output_atomic(dest.join(rel)) as out:
-            shutil.copyfileobj(f, out, 1 << 22)
+        progress = None if on_part is None else functools.partial(on_part, rel)
+        fs.upload_file(src, dest.join(rel), part_bytes=part_bytes, on_part=progress)
         entries[rel] = {"bytes": size, "sha256": digest}
     return entries
 
