@@ -2,8 +2,12 @@
 
     t2i submit --address http://127.0.0.1:8265 -- train --config jobs/configs/dalle_digits.yaml
     t2i submit --address http://HEAD:8265 --no-wait -- preprocess --config ...
+    t2i submit --address URL list                  # jobs: id, status, entrypoint
+    t2i submit --address URL status JOB            # status and message
+    t2i submit --address URL logs JOB [--follow]   # its log (--follow: until it ends)
+    t2i submit --address URL stop JOB              # ask the cluster to stop it
 
-The working directory (this checkout, minus .venv, runs/ and caches) is uploaded as the job's
+The working directory (this checkout, minus .venv, runs/, data and caches) is uploaded as the job's
 runtime env, so the cluster runs the code you have. Token auth stays on: the client presents
 `~/.ray/auth_token` (RAY_AUTH_MODE=token). Credentials are never forwarded by this command: give
 the cluster its own (instance roles, secrets), not your shell's environment.
@@ -18,7 +22,21 @@ import shlex
 import sys
 import time
 
-EXCLUDES = [".venv/", "runs/", ".cache/", ".git/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+# Never uploaded: environments, run outputs, data and caches (the job reads data from its paths).
+EXCLUDES = [
+    ".venv/",
+    "runs/",
+    "data/",
+    "*.tar",
+    "*.parquet",
+    ".cache/",
+    ".git/",
+    "__pycache__/",
+    "*.egg-info/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+]
+MANAGE = ("list", "status", "logs", "stop")  # `t2i submit ACTION [JOB]` instead of a command
 # Non-secret settings worth carrying to the job; never AWS_* credentials.
 AGENT_WAIT_S = 60.0
 FORWARD_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_REGION")
@@ -38,20 +56,72 @@ def register(subparsers) -> None:
     p.add_argument("--working-dir", default=".", help="directory uploaded as the job's code")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--submission-id", help="job id to use (default: generated)")
-    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.add_argument(
+        "command_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ... | list | status JOB | logs JOB [--follow] | stop JOB",
+    )
     p.set_defaults(func=run)
+
+
+def connect(address: str | None):
+    """A Jobs API client that presents this machine's Ray token (auth stays on)."""
+    if not address:
+        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (RuntimeError, ConnectionError) as e:
+        raise ValueError(f"{address}: cannot use the Jobs API: {e}") from None
+
+
+def manage(args: argparse.Namespace, action: str, rest: list[str]) -> int:
+    """`list`, `status JOB`, `logs JOB [--follow]`, `stop JOB`."""
+    if action != "list" and not rest:
+        raise ValueError(f"submit {action}: give a job id (see `t2i submit list`)")
+    client = connect(args.address)
+    if action == "list":
+        for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+            print(f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}")
+        return 0
+    job_id = rest[0]
+    if action == "status":
+        info = client.get_job_info(job_id)
+        print(f"{job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
+        return 0
+    if action == "stop":
+        stopped = client.stop_job(job_id)
+        print(f"submit: job {job_id} " + ("stopping" if stopped else "was not running"))
+        return 0
+    if "--follow" in rest[1:]:
+        return follow(client, job_id)
+    print(client.get_job_logs(job_id), end="", flush=True)
+    return 0
+
+
+def follow(client, job_id: str) -> int:
+    """Stream the job's log until it ends; 0 when it succeeded."""
+    from ray.job_submission import JobStatus
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    print(f"submit: job {job_id} {status.value}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def run(args: argparse.Namespace) -> int:
     cmd = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     if not cmd:
         raise ValueError("nothing to submit: give a t2i command after --, e.g. -- train --config X")
-    if not args.address:
-        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(args.address)
+    if cmd[0] in MANAGE and args.command_args[:1] != ["--"]:
+        return manage(args, cmd[0], cmd[1:])
+    client = connect(args.address)
     entrypoint = shlex.join(["t2i", *cmd])
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     runtime_env = {"working_dir": args.working_dir, "excludes": EXCLUDES, "env_vars": env}
@@ -70,15 +140,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"submit: job {job_id}: {entrypoint}", flush=True)
     if args.no_wait:
         return 0
-
-    async def follow() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
-    asyncio.run(follow())
-    status = client.get_job_status(job_id)
-    print(f"submit: job {job_id} {status.value}", flush=True)
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    return follow(client, job_id)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,12 @@ class ScalingSection:
     use_gpu: bool = False  # one GPU per worker when True
     cpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    data_cpus: float = 1.0  # CPUs the Ray Data tasks feeding the workers need beside them
+    # When the alive nodes hold less than the workers + data_cpus, the driver says so (naming
+    # the missing resources) after this many seconds, and again every as many while it lasts.
+    capacity_wait_s: float = 60.0
+    # Then: keep waiting for nodes (autoscaling clusters, replacements) or stop the run.
+    on_capacity_shortage: Literal["wait", "fail"] = "wait"
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import os
+import threading
+import time
 
 from data_pipeline import fs
-from trainer.config import TrainConfig
+from trainer.config import ScalingSection, TrainConfig
 from trainer.loop import train_loop_per_worker
 from trainer.objectives import build_objective
 
@@ -81,6 +84,91 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+class CapacityError(RuntimeError):
+    """The cluster could not hold the run (scaling.on_capacity_shortage=fail)."""
+
+
+def capacity_need(s: ScalingSection) -> dict[str, float]:
+    """What the run occupies at once: every worker's reservation, plus the CPUs its Ray Data
+    tasks need beside them (without those, the workers wait for batches that never come)."""
+    need = {"CPU": s.num_workers * s.cpus_per_worker + s.data_cpus}
+    if s.use_gpu:
+        need["GPU"] = float(s.num_workers)
+    return need
+
+
+def missing_resources(need: dict[str, float], total: dict[str, float]) -> dict[str, float]:
+    """{resource: shortfall} of `need` against the alive nodes' `total`."""
+    return {k: v - total.get(k, 0.0) for k, v in need.items() if total.get(k, 0.0) < v}
+
+
+class CapacityWatch(threading.Thread):
+    """Driver side, beside `fit`: polls the alive nodes' resources. When they stay short of
+    `capacity_need` for `capacity_wait_s` (a node died, none replaced it yet), it prints what
+    is missing, and again every `capacity_wait_s`; with `on_capacity_shortage=fail` it then
+    stops the run (interrupting `fit` in the main thread) instead of waiting for nodes."""
+
+    def __init__(self, s: ScalingSection, poll_s: float = 1.0):
+        super().__init__(name="t2i-capacity-watch", daemon=True)
+        self.s, self.need, self.poll_s = s, capacity_need(s), poll_s
+        self.stopped = threading.Event()
+        self.failure: str | None = None
+
+    def describe(self, missing: dict[str, float], waited: float) -> str:
+        need = ", ".join(f"{k} {v:g}" for k, v in self.need.items())
+        short = ", ".join(f"{k} {v:g}" for k, v in missing.items())
+        s = self.s
+        return (
+            f"[t2i] capacity: the cluster's alive nodes are short of {short} for {waited:.0f}s: "
+            f"this run needs {need} ({s.num_workers} workers x {s.cpus_per_worker:g} CPU "
+            f"+ scaling.data_cpus={s.data_cpus:g} for its Ray Data tasks)"
+        )
+
+    def run(self) -> None:
+        import ray
+
+        short_since, told = None, 0.0
+        while not self.stopped.wait(self.poll_s):
+            try:
+                missing = missing_resources(self.need, ray.cluster_resources())
+            except Exception:  # the driver is shutting down
+                return
+            now = time.monotonic()
+            if not missing:
+                if short_since is not None and told:
+                    print("[t2i] capacity: enough resources again", flush=True)
+                short_since, told = None, 0.0
+                continue
+            short_since = short_since or now
+            waited = now - short_since
+            if waited < self.s.capacity_wait_s or now - told < self.s.capacity_wait_s:
+                continue
+            told = now
+            if self.s.on_capacity_shortage == "fail":
+                self.failure = self.describe(missing, waited) + (
+                    "; stopping (scaling.on_capacity_shortage=fail)"
+                )
+                print(self.failure, flush=True)
+                _thread.interrupt_main()
+                return
+            print(
+                self.describe(missing, waited)
+                + "; waiting for nodes to join (scaling.on_capacity_shortage=wait)",
+                flush=True,
+            )
+
+
 def fit(cfg: TrainConfig):
-    """Run training to `cfg.steps`; returns Ray's Result (metrics of the last report)."""
-    return build_trainer(cfg).fit()
+    """Run training to `cfg.steps`; returns Ray's Result (metrics of the last report).
+    Never waits silently for capacity: see `CapacityWatch`."""
+    watch = CapacityWatch(cfg.scaling)
+    trainer = build_trainer(cfg)
+    watch.start()
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        if watch.failure:
+            raise CapacityError(watch.failure.removeprefix("[t2i] ")) from None
+        raise
+    finally:
+        watch.stopped.set()

@@ -53,6 +53,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(TrainConfig, config["cfg"], source="train_loop_per_worker")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Where each rank runs (tests and operators check the placement strategy from these lines).
+    print(f"[t2i] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     if not cfg.scaling.use_gpu:  # CPU ranks compute with the cores they reserved, no more
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt

@@ -1,0 +1,213 @@
+"""A real 2-node Ray cluster on this machine (cluster/local_cluster.sh: head + 1 worker node,
+separate `ray start` processes with their own temp dirs, token auth on, dashboard on 127.0.0.1),
+driven through `t2i submit`. Run alone with `pytest tests/cluster/test_multinode.py`."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "cluster" / "local_cluster.sh"
+T2I = str(Path(sys.executable).with_name("t2i"))
+
+
+# ---- the capacity watch, without a cluster ------------------------------------------------------
+
+
+def test_capacity_need_counts_the_data_cpus_beside_the_workers():
+    from trainer.config import ScalingSection
+    from trainer.launch import capacity_need, missing_resources
+
+    s = ScalingSection(num_workers=2, cpus_per_worker=1.0, data_cpus=1.0)
+    assert capacity_need(s) == {"CPU": 3.0}
+    assert missing_resources(capacity_need(s), {"CPU": 2.0}) == {"CPU": 1.0}
+    assert missing_resources(capacity_need(s), {"CPU": 4.0, "memory": 1e9}) == {}
+    gpu = ScalingSection(num_workers=2, use_gpu=True, data_cpus=2.0)
+    assert missing_resources(capacity_need(gpu), {"CPU": 8.0, "GPU": 1.0}) == {"GPU": 1.0}
+
+
+def test_capacity_watch_names_the_missing_resources_and_stops_within_the_wait(monkeypatch, capsys):
+    """A cluster short of one CPU: after capacity_wait_s the driver says what is missing and,
+    with on_capacity_shortage=fail, interrupts the run (instead of waiting forever)."""
+    import ray
+
+    from trainer.config import ScalingSection
+    from trainer.launch import CapacityWatch
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    s = ScalingSection(num_workers=2, capacity_wait_s=0.3, on_capacity_shortage="fail")
+    watch = CapacityWatch(s, poll_s=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        watch.start()
+        while time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+    assert time.monotonic() - t0 < 5
+    assert watch.failure and "short of CPU 1" in watch.failure
+    assert "needs CPU 3" in capsys.readouterr().out
+
+
+# ---- the 2-node cluster ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    """Head + 1 worker node, 2 CPUs each, this test's own token; stopped (only it) at the end."""
+    base = tmp_path_factory.mktemp("cluster")
+    token = base / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    head_port, dash = free_port(), free_port()
+    env = {
+        **os.environ,  # the S3 endpoint and its throwaway credentials reach every node
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_CLUSTER_DIR": str(base / "nodes"),
+        "RAY_HEAD_PORT": str(head_port),
+        "RAY_DASHBOARD_PORT": str(dash),
+        "RAY_NODE_CPUS": "2",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+        "PY": sys.executable,
+        "RAY": str(Path(sys.executable).with_name("ray")),
+    }
+
+    def sh(*args: str, timeout: float = 300) -> str:
+        r = subprocess.run(
+            [str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert r.returncode == 0, f"local_cluster.sh {' '.join(args)}:\n{r.stdout}{r.stderr}"
+        return r.stdout
+
+    sh("start", "1")
+    try:
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "sh": sh}
+    finally:
+        sh("stop")
+
+
+def t2i(cluster, *args: str, env: dict | None = None, timeout: float = 600):
+    return subprocess.run(
+        [T2I, "submit", "--address", cluster["address"], *args],
+        env=env or cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.slow
+def test_unauthenticated_submission_is_refused(cluster, tmp_path):
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    r = t2i(
+        cluster,
+        "--",
+        "data",
+        "digits",
+        "--out",
+        str(tmp_path / "x"),
+        env={**cluster["env"], "RAY_AUTH_TOKEN_PATH": str(wrong)},
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert re.search(r"(?i)unauthori[sz]ed|401|auth", r.stdout + r.stderr), r.stdout + r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def final_weights(storage: str, step: int):
+    from safetensors.torch import load_file
+
+    from data_pipeline import fs
+    from trainer import checkpoint as ck
+
+    run = fs.resolve(storage).join("run")
+    steps = dict(ck.list_complete(run))
+    assert step in steps, sorted(steps)
+    local = Path(ck.staging_dir("mn"))
+    ck.download(steps[step], str(local))
+    return load_file(str(local / "model.safetensors"))
+
+
+def train_args(storage: str, job: str, steps: int) -> list[str]:
+    return [
+        "--submission-id",
+        job,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "train",
+        "--config",
+        "jobs/configs/dalle_tiny.yaml",
+        "name=run",
+        f"checkpoint.storage_path={storage}",
+        f"steps={steps}",
+        "log_every=5",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep=0",
+        "scaling.num_workers=2",
+        "scaling.placement_strategy=SPREAD",
+        "scaling.capacity_wait_s=5",
+        "failure_max_retries=3",
+    ]
+
+
+@pytest.mark.slow
+def test_spread_training_survives_losing_a_node(cluster, s3_bucket):
+    """2 workers SPREAD over the 2 nodes; the worker node dies mid-run, the driver says what is
+    missing, a replacement joins, the run resumes from its last complete S3 checkpoint and ends
+    bit-identical to an uninterrupted run. Also: list, status and logs of the jobs."""
+    import torch
+
+    steps = 40
+    clean = t2i(cluster, *train_args(f"s3://{s3_bucket}/clean", "clean", steps))
+    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-4000:]
+    nodes = dict(re.findall(r"\[t2i\] rank (\d)/2 on node (\w+)", clean.stdout))
+    assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], nodes  # spread over 2 nodes
+
+    r = t2i(cluster, "--no-wait", *train_args(f"s3://{s3_bucket}/faulty", "faulty", steps))
+    assert r.returncode == 0, r.stdout + r.stderr
+    from data_pipeline import fs
+    from trainer import checkpoint as ck
+
+    run = fs.resolve(f"s3://{s3_bucket}/faulty").join("run")
+    deadline = time.monotonic() + 300
+    while not ck.list_complete(run):  # the first complete checkpoint: then the node dies
+        assert time.monotonic() < deadline, t2i(cluster, "logs", "faulty").stdout[-4000:]
+        time.sleep(0.5)
+    cluster["sh"]("kill-node", "1")
+    logs = ""
+    deadline = time.monotonic() + 120
+    while "capacity: the cluster's alive nodes are short of CPU" not in logs:
+        assert time.monotonic() < deadline, logs[-4000:]  # said within the bounded wait
+        time.sleep(2)
+        logs = t2i(cluster, "logs", "faulty").stdout
+    cluster["sh"]("add")
+    follow = t2i(cluster, "logs", "faulty", "--follow")
+    assert follow.returncode == 0, follow.stdout[-4000:]
+    assert "[t2i] resumed from" in follow.stdout
+
+    status = t2i(cluster, "status", "faulty").stdout
+    assert status.startswith("faulty SUCCEEDED"), status
+    listed = t2i(cluster, "list").stdout
+    assert re.search(r"^clean\tSUCCEEDED\t", listed, re.M), listed
+    assert re.search(r"^faulty\tSUCCEEDED\t", listed, re.M), listed
+
+    a = final_weights(f"s3://{s3_bucket}/clean", steps)
+    b = final_weights(f"s3://{s3_bucket}/faulty", steps)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
