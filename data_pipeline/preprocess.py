@@ -49,6 +49,7 @@ from data_pipeline.clip_score import (
 from data_pipeline.dedup import find_duplicates, lsh_hyperplanes
 from data_pipeline.filters import ApplyFilters
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.validate import DecodeImages
 from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
 from data_pipeline.writer import (
@@ -288,9 +289,11 @@ def _phase_score(ctx: _Ctx) -> list[tuple[str, dict]]:
         },
     )
     commits = rows = 0
+    export, t0 = DataStageMetrics("preprocess", ctx.out.uri), time.perf_counter()
     for r in ds.iter_rows():
         commits += 1
         rows += int(r["rows"])
+        export.rows(rows, time.perf_counter() - t0)  # Ray dashboard: rows/s of this run
         _fault("scored", commits)
     ctx.log(f"preprocess: score: committed {rows} row(s) in {commits} part(s)")
     return _part_summaries(ctx)
@@ -480,6 +483,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     _phase_dedup(ctx, [p for p, _ in summaries])
     _phase_write(ctx, summaries)
     manifest = _finalize(ctx, plan)
+    DataStageMetrics("preprocess", out.uri).quarantined(manifest["reasons"])
     log(f"preprocess: done in {time.perf_counter() - t0:.1f}s: {manifest['samples']} of "
         f"{manifest['rows_in']} sample(s) kept -> {out.uri}")  # fmt: skip
     return manifest

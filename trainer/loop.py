@@ -146,11 +146,12 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = logger.step(engines, state, force=ckpt_step or last)
             if metrics is not None:
                 log_images(objective, engines, batch, logger, state.step)
-            checkpoint = (
-                save(engines, cfg, run, state, rank, world, objective, callbacks, export=last)
-                if ckpt_step
-                else None
-            )
+            checkpoint = None
+            if ckpt_step:  # timed: its seconds go to the dashboard, not into the throughput
+                with logger.checkpointing(state.step):
+                    checkpoint = save(
+                        engines, cfg, run, state, rank, world, objective, callbacks, export=last
+                    )
             if metrics is not None:
                 # Every rank reports (it is a barrier); rank 0 registers the checkpoint, already
                 # complete in storage, so Ray's Result and dashboard point at it.

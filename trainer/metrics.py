@@ -1,17 +1,37 @@
-"""Training metrics: averaged over the log interval, reported to Ray (dashboard) and TensorBoard."""
+"""Training metrics: averaged over the log interval, reported to Ray Train, exported to the Ray
+dashboard's Metrics view (`ray.util.metrics`, data_pipeline/ray_metrics.py), and written by rank 0
+to the run's own directory in its storage:
+
+    <storage_path>/<name>/tensorboard/events.out.tfevents.*   TensorBoard (one run per directory)
+    <storage_path>/<name>/tensorboard/metrics.jsonl           the same rows, one JSON per log step
+    <storage_path>/<name>/tensorboard/loss_curve.png          loss vs step, drawn from metrics.jsonl
+    <storage_path>/<name>/images/<name>_step<N>.png           objective image grids
+
+With local storage rank 0 writes there directly. With s3:// it writes to a local staging
+directory and uploads what changed after every checkpoint and at the end, so TensorBoard files
+travel with the checkpoints; a restarted run continues the stored metrics.jsonl.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
 import torch
 
 from data_pipeline import fs
+from data_pipeline.ray_metrics import TRAIN, TRAIN_KEYS, TRAIN_TAGS, MetricSet
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
+
+MONITOR_DIRS = ("tensorboard", "images")  # what rank 0 writes under the run directory
+LOSS_CURVE = "loss_curve.png"
 
 
 def measure_peak_flops(
@@ -67,18 +87,28 @@ class MetricsLogger:
         self.micro = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
+        self.paused = 0.0  # checkpoint seconds inside the current interval (not training time)
+        self.steps = 0  # optimizer steps in the current interval
+        self.checkpoint_s = float("nan")  # wall seconds of the last checkpoint
         self.writer = None
         self.rss_before_init = 0.0  # set by the loop before the engine is built
         self.model_state_gib = float("nan")  # RSS growth from engine init through the first step
+        self.run = fs.resolve(cfg.checkpoint.storage_path, storage=cfg.storage).join(cfg.name)
+        self.root = run_monitor_root(self.run)  # where rank 0 writes; == the run dir if local
+        self._synced: dict[str, tuple[int, int]] = {}  # relpath -> (size, mtime_ns) uploaded
+        self.export = MetricSet(TRAIN, TRAIN_TAGS)  # the dashboard's Metrics view (rank 0)
+        self.tags = {"run": cfg.name, "objective": cfg.objective}
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
+            if self.run.is_s3:
+                stage_from_storage(self.run, self.root)
             self.writer = SummaryWriter(self.tensorboard_dir())
 
     def tensorboard_dir(self) -> str:
-        run = fs.resolve(self.cfg.checkpoint.storage_path).join(self.cfg.name)
-        # TensorBoard writes local files; with S3 storage they stay on the rank-0 node.
-        return os.path.join(run.path if not run.is_s3 else os.path.abspath("runs"), "tensorboard")
+        """The local directory TensorBoard events and metrics.jsonl are written to: the run's
+        `tensorboard/` itself (local storage) or its staging copy (S3)."""
+        return os.path.join(self.root, "tensorboard")
 
     def accumulate(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch) -> None:
         self.micro += 1
@@ -100,9 +130,11 @@ class MetricsLogger:
         `grad_norm_<part>` the others'."""
         if self.model_state_gib != self.model_state_gib:  # first applied step: NaN check
             self.model_state_gib = current_rss_gib() - self.rss_before_init
+        self.steps += 1
         if state.step % self.cfg.log_every and state.step < self.cfg.steps and not force:
             return None
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        # Training time only: checkpoint seconds in the interval are measured apart.
+        elapsed = max(time.perf_counter() - self.t0 - self.paused, 1e-9)
         tok_s = self.tokens / elapsed  # this worker
         out = {k: v / max(self.micro, 1) for k, v in self.sums.items()}
         (_, engine), *others = engines.items()
@@ -113,25 +145,60 @@ class MetricsLogger:
             grad_norm=_grad_norm(engine),
             tokens_per_s=tok_s * self.world,
             samples_per_s=self.micro * self.cfg.data.batch_size * self.world / elapsed,
+            step_time_s=elapsed / self.steps,
             mfu=compute_mfu(tok_s, self.objective.flops_per_token(), self.peak_flops),
             skipped_steps=state.skipped_steps,
             model_state_gib=self.model_state_gib,
             peak_rss_gib=peak_rss_gib(),
             peak_rss_gib_total=all_ranks_sum(peak_rss_gib()),
         )
+        if self.checkpoint_s == self.checkpoint_s:  # one was saved since the run (re)started
+            out["checkpoint_s"] = self.checkpoint_s
         for part, e in others:
             out[f"lr_{part}"] = e.optimizer.param_groups[0]["lr"]
             out[f"grad_norm_{part}"] = _grad_norm(e)
         if self.writer is not None:
             for k, v in out.items():
-                if k not in ("step", "epoch"):
+                if k not in ("step", "epoch", "checkpoint_s"):  # checkpoint_s: at its own step
                     self.writer.add_scalar(f"train/{k}", v, state.step)
             self.writer.flush()
             with open(os.path.join(self.tensorboard_dir(), "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(out) + "\n")  # the same rows, for scripts (no TB reader)
             print("[t2i] " + " ".join(f"{k}={_fmt(v)}" for k, v in out.items()), flush=True)
+            self.export.record({m: out.get(k) for m, k in TRAIN_KEYS.items()}, self.tags)
         self.sums, self.micro, self.tokens, self.t0 = {}, 0, 0, time.perf_counter()
+        self.paused, self.steps = 0.0, 0
         return out
+
+    @contextlib.contextmanager
+    def checkpointing(self, step: int):
+        """Wrap a checkpoint save (every rank): its wall seconds become `checkpoint_s` (Ray
+        dashboard gauge now, TensorBoard and the next metrics row) and leave the throughput of
+        the interval; then rank 0 draws the loss curve and copies its monitoring files to the
+        run's storage (S3), so they are stored with every checkpoint."""
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.paused += seconds
+        self.checkpoint_s = seconds
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train/checkpoint_s", seconds, step)
+        self.export.record({"t2i_train_checkpoint_seconds": seconds}, self.tags)
+        self.publish()
+
+    def publish(self) -> None:
+        """Rank 0: redraw `loss_curve.png` from metrics.jsonl and, with S3 storage, upload the
+        monitoring files that changed since the last upload."""
+        if self.writer is None:
+            return
+        self.writer.flush()
+        jsonl = os.path.join(self.tensorboard_dir(), "metrics.jsonl")
+        if os.path.exists(jsonl):
+            with open(os.path.join(self.tensorboard_dir(), LOSS_CURVE), "wb") as f:
+                f.write(plot_loss_curve(read_metrics_rows(jsonl), title=self.cfg.name))
+        if self.run.is_s3:
+            self._synced = upload_changed(self.root, self.run, self._synced)
 
     def images_dir(self) -> str:
         """`<run dir>/images`, beside the TensorBoard events."""
@@ -163,6 +230,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.publish()
+            self.writer = None
 
 
 def _grad_norm(engine) -> float:
@@ -172,3 +241,87 @@ def _grad_norm(engine) -> float:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def run_monitor_root(run: fs.Location) -> str:
+    """The local directory rank 0 writes `tensorboard/` and `images/` into: the run directory
+    itself for local storage; for S3, a staging directory on this node named by the run's URI
+    (one run per directory there too), uploaded by `upload_changed`."""
+    if not run.is_s3:
+        return run.path
+    key = hashlib.sha256(run.uri.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "t2i-monitor", key)
+
+
+def stage_from_storage(run: fs.Location, root: str) -> None:
+    """S3: start a clean staging directory that continues the stored metrics.jsonl (a restarted
+    run appends after the rows its last checkpoint uploaded). Event files already in storage stay
+    there; TensorBoard reads the old and the new ones of the directory as one run."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.join(root, "tensorboard"))
+    stored = run.join("tensorboard", "metrics.jsonl")
+    if fs.exists(stored):
+        with open(os.path.join(root, "tensorboard", "metrics.jsonl"), "wb") as f:
+            f.write(fs.read_bytes(stored))
+
+
+def upload_changed(
+    root: str, run: fs.Location, synced: dict[str, tuple[int, int]]
+) -> dict[str, tuple[int, int]]:
+    """Copy the files under `root`/{tensorboard,images} whose size or mtime changed since `synced`
+    to the same relative paths under `run`; returns the new `synced`."""
+    out = dict(synced)
+    for sub in MONITOR_DIRS:
+        base = os.path.join(root, sub)
+        if not os.path.isdir(base):
+            continue
+        for dirpath, _, names in os.walk(base):
+            for n in sorted(names):
+                path = os.path.join(dirpath, n)
+                rel = os.path.relpath(path, root)
+                st = os.stat(path)
+                if out.get(rel) == (st.st_size, st.st_mtime_ns):
+                    continue
+                with open(path, "rb") as f:
+                    fs.write_bytes_atomic(run.join(*rel.split(os.sep)), f.read())
+                out[rel] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def read_metrics_rows(path: str) -> list[dict]:
+    """metrics.jsonl rows, the last one per step (a resumed run logs some steps again)."""
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss_curve(rows: list[dict], title: str = "") -> bytes:
+    """PNG bytes of `loss` (and every `loss_<part>`) against the step: matplotlib, Agg backend."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    keys = ["loss"] + sorted({k for r in rows for k in r if k.startswith("loss_")})
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] == r[k]]  # NaN: skipped step
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 50 else None, label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over the log interval)")
+    ax.set_title(title or "training loss")
+    ax.grid(alpha=0.3)
+    if len(keys) > 1:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
