@@ -32,6 +32,7 @@ from data_pipeline import fs
 from data_pipeline import token_dataset as T
 from data_pipeline.manifest import MANIFEST_NAME, write_manifest
 from data_pipeline.preprocess import read_shard_task
+from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
 from data_pipeline.tokenize_config import TokenizeConfig, check_config
 from data_pipeline.tokenize_stages import (
@@ -313,6 +314,7 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
                  for i in pending]  # fmt: skip
         t0 = last = time.perf_counter()
         new_rows = commits = 0
+        export = DataStageMetrics("tokenize", ctx.out.uri)  # Ray dashboard: rows/s of this run
         for r in _build_plan(ctx, items, text).iter_rows():
             meta = json.loads(r["meta"])
             for k, n in meta["rows"].items():
@@ -323,6 +325,7 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
                 new_rows += n
                 launch(i)
             commits += 1
+            export.rows(new_rows, time.perf_counter() - t0)
             if time.perf_counter() - last > 5:
                 last = time.perf_counter()
                 ctx.log(f"tokenize: encoded {new_rows} row(s), {len(writes)}/{len(ctx.shards)} "
@@ -396,6 +399,7 @@ def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
     _check_plan(ctx, body)
     _encode_and_write(ctx, text)
     manifest = _finalize(ctx, body)
+    DataStageMetrics("tokenize", out.uri).quarantined(manifest["quarantine"]["reasons"])
     log(f"tokenize: done in {time.perf_counter() - t0:.1f}s: {manifest['rows']} row(s) in "
         f"{len(manifest['shards'])} file(s) -> {out.uri}")  # fmt: skip
     return manifest
