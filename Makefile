@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN_DIR ?= runs/demo
-# e.g. DEMO_ARGS=--latents: also the latent-diffusion recipe's KL-AE stage
+# e.g. DEMO_ARGS='--recipe ldm': one recipe only (default: both)
 DEMO_ARGS ?=
 
 # Compiled DeepSpeed ops and Ray state stay inside the checkout, shared by runs and tests.

@@ -111,7 +111,7 @@ def smoke_objective(objective, zero, storage, digits, workers) -> dict:
 def sample_dalle(run_dir: str) -> int:
     """A few image tokens from the exported DALL-E on the GPU; returns how many."""
     from trainer.config import StorageConfig
-    from trainer.sample import load_dalle, sample_codes
+    from trainer.sampling.ar import load_dalle, sample_codes
 
     model, cfg = load_dalle(run_dir, StorageConfig(), device="cuda")
     text = torch.randint(1, cfg.dalle.text_vocab, (2, cfg.dalle.text_len), device="cuda")

@@ -1,4 +1,4 @@
-"""The token dataset: what `t2i tokenize` writes and `t2i train` reads (autoregressive recipe).
+"""The token dataset: what `t2i tokenize` writes and `t2i train` reads (both recipes).
 
 Parquet shards + `manifest.json` written last. Rows: `key` (str), `caption` (str), `text_tokens`
 (int32 list, length text_len, padded with `text_pad_id`), `image_codes` (int16/int32 list, the
@@ -6,7 +6,13 @@ row-major grid). The manifest carries the schema version, row counts, sha256 per
 sizes, text length and grid side; the trainer refuses a dataset whose shapes disagree with its
 model config, or a version it does not know.
 
-Also here: a synthetic source with the same columns, for tests and benchmarks.
+The latent dataset (recipe=ldm, version 2) has `latent` (float16 list, C*H*W, already multiplied
+by the KL-AE's scaling factor) and `text_embedding` (float16 list, L*D per-token text states)
+instead of `image_codes`; `text_tokens` give the text mask (ids != text_pad_id). The text
+encoder's states for the empty caption — the unconditional branch of classifier-free guidance —
+are stored once in `empty_caption.safetensors`, named with its sha256 in the manifest.
+
+Also here: synthetic sources with the same columns, for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 FORMAT = "ray-t2i/tokens"
 VERSION = 1
 LATENT_FORMAT = "ray-t2i/latents"  # the latent-diffusion recipe's dataset
-LATENT_VERSION = 1
+LATENT_VERSION = 2  # 2: text mask from text_tokens + empty_caption.safetensors
 KNOWN_FORMATS = {FORMAT: (VERSION,), LATENT_FORMAT: (LATENT_VERSION,)}
 
 KEY = "key"
@@ -31,6 +37,8 @@ TEXT_TOKENS = "text_tokens"
 IMAGE_CODES = "image_codes"
 LATENT = "latent"  # float16 list: C*H*W, shape in manifest["latent_shape"]
 TEXT_EMBEDDING = "text_embedding"  # float16 list: L*D, shape in manifest["text_embedding_shape"]
+TEXT_MASK = "text_mask"  # reader output only: (B, L) bool, True where a token is not padding
+EMPTY_CAPTION_FILE = "empty_caption.safetensors"  # {text_embedding (L, D) f16, text_mask (L,) u8}
 
 
 def read_token_dataset(uri: str, *, endpoint_url: str | None = None, region: str | None = None):
@@ -45,12 +53,12 @@ def read_token_dataset(uri: str, *, endpoint_url: str | None = None, region: str
 
 
 def read_latent_dataset(uri: str, *, endpoint_url: str | None = None, region: str | None = None):
-    """(ray.data.Dataset of `latent` (B, C, H, W) and `text_embedding` (B, L, D) float32 arrays,
-    manifest) for a latent dataset written by `t2i tokenize` with recipe=ldm."""
+    """(ray.data.Dataset of `latent` (B, C, H, W) and `text_embedding` (B, L, D) float32 arrays
+    and `text_mask` (B, L) bool, manifest) for a latent dataset (`t2i tokenize` recipe=ldm)."""
     import ray.data
 
     base = fs.resolve(uri, endpoint_url=endpoint_url, region=region)
-    manifest = read_manifest(base, LATENT_FORMAT, (LATENT_VERSION,))
+    manifest = read_latent_manifest(base)
     shapes = {}
     for col, key in ((LATENT, "latent_shape"), (TEXT_EMBEDDING, "text_embedding_shape")):
         shape = manifest.get(key)
@@ -60,42 +68,110 @@ def read_latent_dataset(uri: str, *, endpoint_url: str | None = None, region: st
             )
         shapes[col] = tuple(shape)
     paths = [base.join(s["path"]).path for s in manifest["shards"]]
-    ds = ray.data.read_parquet(paths, filesystem=base.fs, columns=[LATENT, TEXT_EMBEDDING])
-    return ds.map_batches(_LatentArrays(shapes), batch_format="numpy"), manifest
+    columns = [LATENT, TEXT_EMBEDDING, TEXT_TOKENS]
+    ds = ray.data.read_parquet(paths, filesystem=base.fs, columns=columns)
+    pad = int(manifest["text_pad_id"])
+    return ds.map_batches(_LatentArrays(shapes, pad), batch_format="numpy"), manifest
+
+
+def read_latent_manifest(base: fs.Location) -> dict[str, Any]:
+    """The manifest of a latent dataset; version 1 (no empty-caption states) is refused."""
+    from data_pipeline.manifest import ManifestError
+
+    try:
+        return read_manifest(base, LATENT_FORMAT, (LATENT_VERSION,))
+    except ManifestError as e:
+        if "version" in str(e):
+            raise ManifestError(
+                f"{e}; latent datasets before version {LATENT_VERSION} lack the empty-caption "
+                f"states that classifier-free guidance needs: re-run `t2i tokenize` into a new "
+                f"output"
+            ) from None
+        raise
+
+
+def read_empty_caption(base: fs.Location, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The unconditional text states of a latent dataset: `text_embedding` (L, D) float32 and
+    `text_mask` (L,) bool, checked against the manifest's sha256 and shapes."""
+    import hashlib
+
+    from safetensors.numpy import load
+
+    entry = manifest.get("empty_caption") or {}
+    loc = base.join(entry.get("file", EMPTY_CAPTION_FILE))
+    data = fs.read_bytes(loc)
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ValueError(f"{loc.uri}: sha256 does not match the manifest's empty_caption.sha256")
+    arrays = load(data)
+    emb = arrays[TEXT_EMBEDDING].astype(np.float32)
+    if list(emb.shape) != list(manifest["text_embedding_shape"]):
+        raise ValueError(
+            f"{loc.uri}: text_embedding shape {list(emb.shape)} but the manifest says "
+            f"{manifest['text_embedding_shape']}"
+        )
+    return {TEXT_EMBEDDING: emb, TEXT_MASK: arrays[TEXT_MASK].astype(bool)}
+
+
+def empty_caption_bytes(embedding: np.ndarray, mask: np.ndarray) -> bytes:
+    """`empty_caption.safetensors` content: (L, D) float16 states and (L,) uint8 mask."""
+    from safetensors.numpy import save
+
+    return save(
+        {
+            TEXT_EMBEDDING: np.ascontiguousarray(embedding, dtype=np.float16),
+            TEXT_MASK: np.ascontiguousarray(mask, dtype=np.uint8),
+        }
+    )
 
 
 class _LatentArrays:
-    """Flattened fp16 list columns -> (B, *shape) float32 arrays (fp16 on disk halves the I/O)."""
+    """Flattened fp16 list columns -> (B, *shape) float32 arrays (fp16 on disk halves the I/O),
+    and the text mask from the token ids."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
-        self.shapes = shapes
+    def __init__(self, shapes: dict[str, tuple[int, ...]], pad_id: int):
+        self.shapes, self.pad_id = shapes, pad_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
+        out = {
             k: np.stack(batch[k]).astype(np.float32).reshape(-1, *shape)
             for k, shape in self.shapes.items()
         }
+        out[TEXT_MASK] = np.stack(batch[TEXT_TOKENS]) != self.pad_id
+        return out
 
 
 def check_latent_compatible(
     manifest: dict[str, Any],
     *,
     latent_shape: tuple[int, ...] | list[int],
-    text_embedding_shape: tuple[int, ...] | list[int],
+    text_width: int,
+    scaling_factor: float = 0.0,
     source: str = "dataset",
 ) -> None:
-    """Raise ValueError naming the first field where a latent dataset and the model disagree."""
-    expected = {
-        "latent_shape": list(latent_shape),
-        "text_embedding_shape": list(text_embedding_shape),
-    }
-    for key, want in expected.items():
-        got = manifest.get(key)
-        if got != want:
-            raise ValueError(
-                f"{source}: manifest {key}={got!r} but the model config needs {want} "
-                f"(change the model config to match the dataset, or re-tokenize)"
-            )
+    """Raise ValueError naming the first field where a latent dataset and the model disagree:
+    the latent shape (unet.in_channels/sample_size), the text-state width
+    (unet.cross_attention_dim) and, when the model asks for one, the latent scaling factor."""
+    got = manifest.get("latent_shape")
+    if got != list(latent_shape):
+        raise ValueError(
+            f"{source}: manifest latent_shape={got!r} but the model config needs "
+            f"{list(latent_shape)} (unet.in_channels, unet.sample_size x2): set them to match "
+            f"the dataset, or re-tokenize"
+        )
+    text = manifest.get("text_embedding_shape") or [None, None]
+    if text[-1] != text_width:
+        raise ValueError(
+            f"{source}: manifest text_embedding_shape={text!r} (width {text[-1]}) but "
+            f"unet.cross_attention_dim={text_width}: set it to the text encoder's width"
+        )
+    scale = manifest.get("scaling_factor")
+    if not isinstance(scale, int | float) or scale <= 0:
+        raise ValueError(f"{source}: manifest scaling_factor={scale!r} is not a positive number")
+    if scaling_factor and abs(scaling_factor - scale) > 1e-6 * scale:
+        raise ValueError(
+            f"{source}: manifest scaling_factor={scale} (the dataset's KL-AE) but "
+            f"ldm.scaling_factor={scaling_factor}: the latents were scaled differently"
+        )
 
 
 def read_any_manifest(base: fs.Location) -> dict[str, Any]:
@@ -184,4 +260,46 @@ def synthetic_token_dataset(rows: int, **kwargs):
     blocks = max(1, min(16, rows // 64))
     return ray.data.range(rows, override_num_blocks=blocks).map_batches(
         SyntheticTokens(**kwargs), batch_format="numpy"
+    )
+
+
+class SyntheticLatents:
+    """Deterministic, learnable latent rows from row ids: class c's latent is a fixed pattern plus
+    a little noise, its text states a fixed per-class sequence of `1 + c % text_len` tokens."""
+
+    def __init__(self, *, latent_shape, text_shape, seed: int = 0, classes: int = 10):
+        self.latent_shape, self.text_shape = tuple(latent_shape), tuple(text_shape)
+        self.seed, self.classes = seed, classes
+        rng = np.random.default_rng([seed, 11])
+        self.patterns = rng.standard_normal((classes, *self.latent_shape)).astype(np.float32)
+        self.states = rng.standard_normal((classes, *self.text_shape)).astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["id"]
+        n, (length, _) = len(ids), self.text_shape
+        latent = np.empty((n, *self.latent_shape), np.float32)
+        text = np.empty((n, *self.text_shape), np.float32)
+        mask = np.zeros((n, length), bool)
+        for j, i in enumerate(ids):
+            rng = np.random.default_rng([self.seed, int(i)])
+            c = int(rng.integers(self.classes))
+            noise = 0.1 * rng.standard_normal(self.latent_shape).astype(np.float32)
+            latent[j] = self.patterns[c] + noise
+            text[j] = self.states[c]
+            mask[j, : 1 + c % length] = True
+        return {LATENT: latent, TEXT_EMBEDDING: text, TEXT_MASK: mask}
+
+    def empty_caption(self) -> dict[str, np.ndarray]:
+        mask = np.zeros(self.text_shape[0], bool)
+        mask[0] = True
+        return {TEXT_EMBEDDING: np.zeros(self.text_shape, np.float32), TEXT_MASK: mask}
+
+
+def synthetic_latent_dataset(rows: int, **kwargs):
+    """A Ray Dataset of `rows` synthetic latent rows (same columns as `read_latent_dataset`)."""
+    import ray.data
+
+    blocks = max(1, min(16, rows // 64))
+    return ray.data.range(rows, override_num_blocks=blocks).map_batches(
+        SyntheticLatents(**kwargs), batch_format="numpy"
     )

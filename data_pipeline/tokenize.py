@@ -178,17 +178,35 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
                 f"text_tokenizer.text_len={text.text_len} but text encoder {spec.model} has "
                 f"context_length={text_cfg.get('context_length', 77)}; set them equal"
             )
+        path = cfg.image_tokenizer.path  # decodes samples (ldm): absolute, for Ray workers
+        body["image_tokenizer"]["path"] = path if "://" in path else os.path.abspath(path)
         body.update(
             latent_shape=[tok.latent_channels, grid, grid],
             scaling_factor=tok.scaling_factor,
             text_embedding_shape=[text.text_len, int(text_cfg["width"])],
             text_encoder={
                 "model": spec.model,
+                "checkpoint": spec.checkpoint,  # absolute: encodes prompts at sampling
                 "model_config": spec.model_config,
                 "checkpoint_sha256": fs.file_digest(spec.checkpoint)[1] if spec.checkpoint else "",
             },
         )
     return body
+
+
+def _write_empty_caption(ctx: _Ctx, text: TextTokenizer) -> dict:
+    """recipe=ldm: the text encoder's states for "" (classifier-free guidance's unconditional
+    branch), written once beside the dataset; returns the manifest entry (file + sha256)."""
+    import hashlib
+
+    from data_pipeline.tokenize_stages import EmbedText
+
+    tokens = text.encode([""])  # (1, L)
+    states = EmbedText(_text_encoder_spec(ctx.cfg)).encode(tokens)  # (1, L*D) float16
+    length = text.text_len
+    data = T.empty_caption_bytes(states.reshape(length, -1), tokens[0] != text.pad_id)
+    fs.write_bytes_atomic(ctx.out.join(T.EMPTY_CAPTION_FILE), data)
+    return {"file": T.EMPTY_CAPTION_FILE, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _check_plan(ctx: _Ctx, body: dict) -> None:
@@ -397,6 +415,8 @@ def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
     text = _text_tokenizer(ctx)
     body = _describe_models(ctx, text)
     _check_plan(ctx, body)
+    if cfg.recipe == "ldm":
+        body["empty_caption"] = _write_empty_caption(ctx, text)
     _encode_and_write(ctx, text)
     manifest = _finalize(ctx, body)
     DataStageMetrics("tokenize", out.uri).quarantined(manifest["quarantine"]["reasons"])

@@ -1,16 +1,17 @@
-"""`make demo`: the main job end to end on the embedded default (local Ray, bundled real data).
+"""`make demo`: both recipes end to end on the embedded default (local Ray, bundled real data).
 
-    data digits (10% wrong captions) -> train CLIP (t2i train, objective=clip)
-    -> preprocess (validate, filter by CLIP score, dedup) -> filter precision/recall
-    -> train the dVAE (objective=dvae) -> tokenize (BPE + dVAE codes)
-    -> train the DALL-E transformer on the tokens (objective=dalle)
-    -> sample every digit (training and held-out prompt templates), reranked by CLIP -> eval
+    shared:  data digits (10% wrong captions) -> train CLIP (t2i train, objective=clip)
+             -> preprocess (validate, filter by CLIP score, dedup) -> filter precision/recall
+    ar:      train the dVAE (objective=dvae) -> tokenize (BPE + dVAE codes)
+             -> train the DALL-E transformer (objective=dalle) -> sample (KV cache, CLIP rerank)
+    ldm:     train the KL autoencoder (objective=klae) -> tokenize (latents + CLIP text states)
+             -> train the U-Net (objective=ldm) -> sample (DDIM + guidance, CLIP rerank)
+    each:    eval: digit accuracy on training and held-out prompt phrasings, diversity vs real
+             digits, CLIP score; then one table for both recipes with wall time per stage.
 
-With `--latents` it also runs the latent-diffusion recipe's stage 1: train the KL autoencoder
-(objective=klae) -> tokenize (latents + CLIP text states).
-
-Every stage writes under one run directory and is skipped when its output is already complete, so
-a second `make demo` reuses finished work.
+`--recipe ar|ldm` runs one recipe (after the shared stages). Every stage writes under one run
+directory and is skipped when its output is already complete, so a second `make demo` reuses
+finished work.
 """
 
 from __future__ import annotations
@@ -28,18 +29,25 @@ from data_pipeline import fs
 from data_pipeline.shards import iter_tar_samples
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+RECIPES = ("ar", "ldm")
 
 
-def stage(name: str, done, build):
-    """Run `build()` unless `done()` returns a finished result."""
+def stage(name: str, done, build, seconds: dict[str, float | None] | None = None):
+    """Run `build()` unless `done()` returns a finished result; record its wall time in
+    `seconds[name]` (None: reused)."""
     result = done()
     if result is not None:
         print(f"[demo] {name}: reusing finished output", flush=True)
+        if seconds is not None:
+            seconds[name] = None
         return result
     print(f"[demo] {name}: running", flush=True)
     t0 = time.monotonic()
     result = build()
-    print(f"[demo] {name}: done in {time.monotonic() - t0:.0f}s", flush=True)
+    took = time.monotonic() - t0
+    print(f"[demo] {name}: done in {took:.0f}s", flush=True)
+    if seconds is not None:
+        seconds[name] = took
     return result
 
 
@@ -105,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", default="runs/demo", help="everything the demo writes")
     parser.add_argument(
-        "--latents",
-        action="store_true",
-        help="also train the KL autoencoder and write the latent dataset (LDM recipe, stage 1)",
+        "--recipe",
+        choices=[*RECIPES, "both"],
+        default="both",
+        help="ar: DALL-E over dVAE codes; ldm: latent diffusion; both (default)",
     )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
@@ -207,91 +216,138 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo]   clean shards, quarantine table, stats.json, clip_scores.png: {pre_dir}")
     clean_shards = pre_dir / "shards"
 
-    # 4. The image tokenizer (DALL-E's dVAE), then the token dataset the transformer trains on.
-    dvae_cfg = train_config("dvae_digits", clean_shards, train_dir)
-    dvae_ckpt = train_stage("train dVAE (image tokenizer)", dvae_cfg, train_dir)
-    tokens_dir = run_dir / "tokens"
-    tokens = tokenize_stage(
-        "tokenize (BPE text + dVAE codes)",
-        CONFIGS / "tokenize_digits.yaml",
-        [f"input={clean_shards}", f"output={tokens_dir}", f"image_tokenizer.path={dvae_ckpt.path}"],
-    )
-    print(f"[demo]   {tokens['rows']} rows, {tokens['image_grid']}x{tokens['image_grid']} codes "
-          f"of {tokens['image_vocab']}: {tokens_dir}")  # fmt: skip
-
-    # 5. The DALL-E transformer on the token dataset.
-    dalle_cfg = train_config("dalle_digits", tokens_dir, train_dir)
-    dalle_ckpt = train_stage("train DALL-E", dalle_cfg, train_dir)
-
-    # 6. Sample every digit from training and held-out templates; CLIP keeps the best; eval.
-    from trainer.evaluate import EvalConfig, eval_on_ray, format_table
-    from trainer.sample import SampleConfig, sample_on_ray
-
-    samples_dir = run_dir / "samples"
-    sample_cfg = load_config(
-        SampleConfig,
-        CONFIGS / "sample_digits.yaml",
-        [
-            f"model={dalle_ckpt.path}",
-            f"tokens={tokens_dir}",
-            f"image_tokenizer={dvae_ckpt.path}",
-            f"output={samples_dir}",
-            f"clip.checkpoint={clip_weights}",
-            f"clip.model_config={CONFIGS / 'clip_digits_tiny.json'}",
-        ],
-    )
-    stage(
-        "sample",
-        lambda: str(samples_dir) if (samples_dir / "samples.jsonl").exists() else None,
-        lambda: sample_on_ray(sample_cfg),
-    )
-    eval_cfg = load_config(
-        EvalConfig,
-        CONFIGS / "eval_digits.yaml",
-        [
-            f"samples={samples_dir}",
-            f"digits={digits_dir}",
-            f"image_tokenizer={dvae_ckpt.path}",
-            f"output={run_dir / 'eval'}",
-        ],
-    )
-    eval_file = run_dir / "eval" / "eval.json"
-    doc = stage(
-        "eval",
-        lambda: json.loads(eval_file.read_text()) if eval_file.exists() else None,
-        lambda: eval_on_ray(eval_cfg),
-    )
-    print("\n".join(f"[demo]   {line}" for line in format_table(doc).splitlines()))
-    acc, div = doc["accuracy"], doc["diversity"]
-    print(
-        f"[demo] summary: filter precision {precision:.2f} / recall {recall:.2f}; "
-        f"digit accuracy {acc['overall']:.3f} (held-out templates {acc['by_template']['heldout']:.3f}); "
-        f"diversity {div['generated']:.3f} vs real {div['real']:.3f}"
-    )
-    print(f"[demo] sample grid: {samples_dir / 'grid.png'}")
-    if args.latents:
-        latents_stage(run_dir, train_dir, clean_shards, clip_weights)
+    ctx = Shared(run_dir, digits_dir, train_dir, clean_shards, clip_weights)
+    recipes = RECIPES if args.recipe == "both" else (args.recipe,)
+    results = {r: (ar_recipe if r == "ar" else ldm_recipe)(ctx) for r in recipes}
+    print(f"[demo] filter: precision {precision:.2f} / recall {recall:.2f} of the injected wrong "
+          f"captions (threshold {threshold:.3f})")  # fmt: skip
+    print("\n".join(f"[demo] {line}" for line in summary_table(results).splitlines()))
+    for r, res in results.items():
+        print(f"[demo] {r} sample grid: {res['grid']}")
     print(f"[demo] total {time.monotonic() - t_start:.0f}s")
     return 0
 
 
-def latents_stage(run_dir: Path, train_dir: Path, clean_shards: Path, clip_weights: Path) -> None:
-    """The latent-diffusion recipe's stage 1 (`--latents`): KL autoencoder + latent dataset."""
-    klae_cfg = train_config("klae_digits", clean_shards, train_dir)
-    klae_ckpt = train_stage("train KL autoencoder", klae_cfg, train_dir)
-    latents_dir = run_dir / "latents"
+class Shared:
+    """What both recipes start from: the run layout, the digits, clean shards and the CLIP."""
+
+    def __init__(self, run_dir: Path, digits_dir: Path, train_dir: Path, clean_shards: Path,
+                 clip_weights: Path):  # fmt: skip
+        self.run_dir, self.digits_dir, self.train_dir = run_dir, digits_dir, train_dir
+        self.clean_shards, self.clip_weights = clean_shards, clip_weights
+
+    def clip_overrides(self) -> list[str]:
+        return [f"clip.checkpoint={self.clip_weights}",
+                f"clip.model_config={CONFIGS / 'clip_digits_tiny.json'}"]  # fmt: skip
+
+
+def ar_recipe(ctx: Shared) -> dict:
+    """dVAE -> BPE + codes -> DALL-E -> sample -> eval."""
+    seconds: dict[str, float | None] = {}
+    dvae_cfg = train_config("dvae_digits", ctx.clean_shards, ctx.train_dir)
+    dvae_ckpt = train_stage("train dVAE (image tokenizer)", dvae_cfg, ctx.train_dir, seconds)
+    tokens_dir = ctx.run_dir / "tokens"
+    tokens = tokenize_stage(
+        "tokenize (BPE text + dVAE codes)",
+        CONFIGS / "tokenize_digits.yaml",
+        [f"input={ctx.clean_shards}", f"output={tokens_dir}",
+         f"image_tokenizer.path={dvae_ckpt.path}"],
+        seconds,
+    )  # fmt: skip
+    print(f"[demo]   {tokens['rows']} rows, {tokens['image_grid']}x{tokens['image_grid']} codes "
+          f"of {tokens['image_vocab']}: {tokens_dir}")  # fmt: skip
+    dalle_cfg = train_config("dalle_digits", tokens_dir, ctx.train_dir)
+    dalle_ckpt = train_stage("train DALL-E", dalle_cfg, ctx.train_dir, seconds)
+    return sample_and_eval(ctx, "ar", "sample_digits.yaml", dalle_ckpt, tokens_dir, dvae_ckpt,
+                           seconds)  # fmt: skip
+
+
+def ldm_recipe(ctx: Shared) -> dict:
+    """KL-AE -> latents + CLIP text states -> U-Net -> sample -> eval."""
+    seconds: dict[str, float | None] = {}
+    klae_cfg = train_config("klae_digits", ctx.clean_shards, ctx.train_dir)
+    klae_ckpt = train_stage("train KL autoencoder", klae_cfg, ctx.train_dir, seconds)
+    latents_dir = ctx.run_dir / "latents"
     latents = tokenize_stage(
         "tokenize (KL-AE latents + CLIP text states)",
         CONFIGS / "tokenize_digits_latent.yaml",
         [
-            f"input={clean_shards}",
+            f"input={ctx.clean_shards}",
             f"output={latents_dir}",
             f"image_tokenizer.path={klae_ckpt.path}",
-            f"text_encoder.checkpoint={clip_weights}",
+            f"text_encoder.checkpoint={ctx.clip_weights}",
             f"text_encoder.model_config={CONFIGS / 'clip_digits_tiny.json'}",
         ],
+        seconds,
     )
     print(f"[demo]   {latents['rows']} rows, latents {latents['latent_shape']}: {latents_dir}")
+    ldm_cfg = train_config("ldm_digits", latents_dir, ctx.train_dir)
+    ldm_ckpt = train_stage("train latent-diffusion U-Net", ldm_cfg, ctx.train_dir, seconds)
+    return sample_and_eval(ctx, "ldm", "sample_digits_ldm.yaml", ldm_ckpt, latents_dir, klae_ckpt,
+                           seconds)  # fmt: skip
+
+
+def sample_and_eval(ctx: Shared, recipe: str, config: str, model, data: Path, image_tok,
+                    seconds: dict) -> dict:  # fmt: skip
+    """Sample every digit from training and held-out templates (CLIP keeps the best); eval."""
+    from trainer.config import load_config
+    from trainer.evaluate import EvalConfig, eval_on_ray, format_table
+    from trainer.sampling.config import SampleConfig
+    from trainer.sampling.run import sample_on_ray
+
+    suffix = "" if recipe == "ar" else f"_{recipe}"
+    samples_dir = ctx.run_dir / f"samples{suffix}"
+    sample_cfg = load_config(
+        SampleConfig,
+        CONFIGS / config,
+        [f"model={model.path}", f"tokens={data}", f"image_tokenizer={image_tok.path}",
+         f"output={samples_dir}", *ctx.clip_overrides()],
+    )  # fmt: skip
+    stage(
+        f"sample ({recipe})",
+        lambda: str(samples_dir) if (samples_dir / "samples.jsonl").exists() else None,
+        lambda: sample_on_ray(sample_cfg),
+        seconds,
+    )
+    eval_dir = ctx.run_dir / f"eval{suffix}"
+    eval_cfg = load_config(
+        EvalConfig,
+        CONFIGS / "eval_digits.yaml",
+        [f"samples={samples_dir}", f"digits={ctx.digits_dir}",
+         f"image_tokenizer={image_tok.path}", f"output={eval_dir}"],
+    )  # fmt: skip
+    eval_file = eval_dir / "eval.json"
+    doc = stage(
+        f"eval ({recipe})",
+        lambda: json.loads(eval_file.read_text()) if eval_file.exists() else None,
+        lambda: eval_on_ray(eval_cfg),
+        seconds,
+    )
+    print("\n".join(f"[demo]   {line}" for line in format_table(doc).splitlines()))
+    return {"eval": doc, "seconds": seconds, "grid": samples_dir / "grid.png"}
+
+
+def summary_table(results: dict[str, dict]) -> str:
+    """One table for the recipes run: accuracy by phrasing, diversity vs real, CLIP score, and
+    wall time per stage ("reused" for stages a previous run finished)."""
+    lines = [
+        "recipe  acc(train)  acc(held-out)  diversity gen/real (ratio)  CLIP score",
+    ]
+    for recipe, res in results.items():
+        doc = res["eval"]
+        bt, div = doc["accuracy"]["by_template"], doc["diversity"]
+        ratio = div["generated"] / div["real"] if div["real"] else float("nan")
+        lines.append(
+            f"{recipe:<6}  {bt['train']:>10.3f}  {bt['heldout']:>13.3f}  "
+            f"{div['generated']:>8.3f}/{div['real']:.3f} ({ratio:.2f})  "
+            f"{doc['clip_score']['mean']:>10.4f}"
+        )
+    for recipe, res in results.items():
+        times = ", ".join(
+            f"{name} {'reused' if t is None else f'{t:.0f}s'}" for name, t in res["seconds"].items()
+        )
+        lines.append(f"{recipe} stages: {times}")
+    return "\n".join(lines)
 
 
 def train_config(name: str, data: Path, train_dir: Path, *overrides: str):
@@ -302,7 +358,7 @@ def train_config(name: str, data: Path, train_dir: Path, *overrides: str):
     return load_config(TrainConfig, CONFIGS / f"{name}.yaml", [*base, *overrides])
 
 
-def train_stage(name: str, cfg, train_dir: Path):
+def train_stage(name: str, cfg, train_dir: Path, seconds: dict | None = None):
     """`t2i train` for `cfg` unless its run already has a complete final checkpoint; returns the
     location of that checkpoint (an exported, loadable model directory)."""
     from trainer import checkpoint as ck
@@ -319,10 +375,12 @@ def train_stage(name: str, cfg, train_dir: Path):
             raise result.error
         return done()
 
-    return stage(name, done, train)
+    return stage(name, done, train, seconds)
 
 
-def tokenize_stage(name: str, config: Path, overrides: list[str]) -> dict:
+def tokenize_stage(
+    name: str, config: Path, overrides: list[str], seconds: dict | None = None
+) -> dict:
     """`t2i tokenize` (resumable; a complete output is reused); returns the dataset manifest."""
     from data_pipeline.token_dataset import read_any_manifest
     from data_pipeline.tokenize import run_tokenize
@@ -335,7 +393,7 @@ def tokenize_stage(name: str, config: Path, overrides: list[str]) -> dict:
     def done():
         return read_any_manifest(out) if fs.exists(out.join("manifest.json")) else None
 
-    return stage(name, done, lambda: run_tokenize(cfg))
+    return stage(name, done, lambda: run_tokenize(cfg), seconds)
 
 
 if __name__ == "__main__":

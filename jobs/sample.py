@@ -1,4 +1,4 @@
-"""`t2i sample`: text prompts -> images from a trained model, CLIP-reranked (a Ray task).
+"""`t2i sample`: text prompts -> images from a trained model (either recipe), CLIP-reranked.
 
 t2i sample --config jobs/configs/sample_digits.yaml [sample.prompts='["the number 7"]' ...]
 python -m jobs.sample --config CFG [key.sub=value ...]    # same; usable with `ray job submit`
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.sample import SampleConfig
+from trainer.sampling.config import SampleConfig
 
 
 def register(subparsers) -> None:
@@ -17,13 +17,14 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "sample",
-        help="sample images for text prompts (KV cache, top-k/top-p, CLIP rerank)",
+        help="sample images for text prompts (ar: KV cache, top-k/top-p; ldm: DDIM + CFG; CLIP rerank)",
         description=(
             "Sample sample.candidates images per prompt (sample.prompts or sample.prompts_file) "
             "from a trained model (recipe 'ar': DALL-E run `model`, text tokenizer of `tokens`, "
             "codes decoded by `image_tokenizer`), rerank them with the CLIP model in clip.*, and "
             "write the best sample.keep per prompt to `output` (local or s3://): images/*.png, "
-            "samples.jsonl, grid.png. Runs as one Ray task (num_gpus when the cluster has GPUs)."
+            "samples.jsonl, grid.png. Candidates are sharded over sample.workers Ray actors "
+            "(a GPU each when the cluster has GPUs)."
         ),
     )
     add_config_arguments(p)
@@ -34,15 +35,21 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from jobs.common import init_ray
     from trainer.config import load_config
-    from trainer.sample import check_config, sample_on_ray
+    from trainer.sampling.config import check_config
+    from trainer.sampling.run import sample_on_ray
 
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     cfg = load_config(SampleConfig, args.config, overrides)
     check_config(cfg)  # before Ray starts: config mistakes answer at once
     s = cfg.sample
+    how = (
+        f"temperature={s.temperature} top_k={s.top_k} top_p={s.top_p}"
+        if cfg.recipe == "ar"
+        else f"scheduler={s.scheduler} steps={s.steps} guidance={s.guidance} eta={s.eta}"
+    )
     print(
         f"sample: recipe={cfg.recipe} model={cfg.model} candidates={s.candidates} keep={s.keep} "
-        f"temperature={s.temperature} top_k={s.top_k} top_p={s.top_p} seed={s.seed}"
+        f"{how} seed={s.seed} workers={s.workers}"
     )
     init_ray(cfg.ray, min_cpus=cfg.num_cpus)
     summary = sample_on_ray(cfg)

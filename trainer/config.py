@@ -21,9 +21,11 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from trainer.diffusion import NoiseSchedule
 from trainer.models.dalle import DalleConfig, dalle_preset
 from trainer.models.dvae import DvaeConfig
 from trainer.models.klae import KlaeConfig
+from trainer.models.unet import UnetConfig, unet_preset
 from trainer.models.vqgan import VqganConfig
 
 T = TypeVar("T")
@@ -166,6 +168,23 @@ class ClipModelSection:
 
 
 @dataclass
+class LdmSection:
+    """objective=ldm: how the U-Net is trained (its shape is the `unet:` section)."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # the U-Net's target
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # diffusers DDPM schedule
+    caption_dropout: float = 0.1  # p of training on the empty caption (classifier-free guidance)
+    min_snr_gamma: float = 0.0  # min-SNR-γ loss weighting (5.0 in the paper); 0: off
+    ema_decay: float = 0.9999  # EMA of the weights (export and sampling use it)
+    # Latent scale the model is trained for; 0: the dataset manifest's (its KL-AE's). A set value
+    # that differs from the manifest's is an error: the latents would be scaled differently.
+    scaling_factor: float = 0.0
+    autoencoder: str = ""  # the dataset's KL-AE (run dir or export), for logged sample grids
+    sample_steps: int = 20  # DDIM steps of the logged sample grids
+    sample_guidance: float = 3.0  # classifier-free guidance scale of the logged grids
+
+
+@dataclass
 class FaultSection:
     """Fault injection, for testing recovery (chaos drills): off by default."""
 
@@ -181,7 +200,7 @@ class TrainConfig:
     """`t2i train`: one engine, the objective picks model and loss."""
 
     name: str = REQUIRED  # run name: re-running the same name resumes it
-    objective: Literal["dalle", "clip", "dvae", "vqgan", "klae"] = "dalle"
+    objective: Literal["dalle", "clip", "dvae", "vqgan", "klae", "ldm"] = "dalle"
     steps: int = 100  # optimizer steps in total
     seed: int = 0
     log_every: int = 10
@@ -191,6 +210,8 @@ class TrainConfig:
     dvae: DvaeConfig = field(default_factory=DvaeConfig)  # objective=dvae: DALL-E's discrete VAE
     vqgan: VqganConfig = field(default_factory=VqganConfig)  # objective=vqgan
     klae: KlaeConfig = field(default_factory=KlaeConfig)  # objective=klae: latent-diffusion AE
+    unet: UnetConfig = field(default_factory=UnetConfig)  # objective=ldm: the U-Net's shape
+    ldm: LdmSection = field(default_factory=LdmSection)  # objective=ldm: how it is trained
     scaling: ScalingSection = field(default_factory=ScalingSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     engine: EngineSection = field(default_factory=EngineSection)
@@ -317,7 +338,7 @@ def load_config(
 
 
 # Sections that accept `preset: NAME`: the named values first, the section's own keys on top.
-PRESETS: dict[type, Any] = {DalleConfig: dalle_preset}
+PRESETS: dict[type, Any] = {DalleConfig: dalle_preset, UnetConfig: unet_preset}
 
 
 def _from_preset(schema: type, name: Any, source: str, key: str) -> Any:

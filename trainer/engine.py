@@ -149,7 +149,12 @@ def model_init_context(cfg: TrainConfig, ds_config: dict):
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each block of `model.blocks` in backward; state-dict keys are unchanged."""
+    """Recompute each block of `model.blocks` in backward; state-dict keys are unchanged. A model
+    with its own mechanism (the diffusers U-Net) exposes `enable_activation_checkpointing()`."""
+    own = getattr(model, "enable_activation_checkpointing", None)
+    if own is not None:
+        own()
+        return 1
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no `blocks` to checkpoint")

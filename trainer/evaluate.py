@@ -110,7 +110,7 @@ def _mean(values) -> float | None:
 def read_samples(cfg: EvalConfig) -> tuple[list[dict], np.ndarray]:
     """(samples.jsonl rows, their images uint8 (N, H, W, 3)) of a `t2i sample` output."""
     from trainer.digits_classifier import decode_image
-    from trainer.sample import SAMPLES_FILE
+    from trainer.sampling.common import SAMPLES_FILE
 
     base = fs.resolve(cfg.samples, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
     loc = base.join(SAMPLES_FILE)
@@ -248,6 +248,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         "format": FORMAT,
         "version": VERSION,
         "samples": cfg.samples,
+        "recipes": sorted({str(r.get("recipe", "")) for r in rows}),  # ar, ldm: whichever sampled
         "digits": cfg.digits,
         "images": len(rows),
         "prompts": len({r["prompt"] for r in rows}),
@@ -318,6 +319,6 @@ def _eval_task(cfg_dict: dict) -> dict:
 
 def eval_on_ray(cfg: EvalConfig) -> dict:
     """`run_eval` inside a Ray task on the connected cluster (call `init_ray` first)."""
-    from trainer.sample import run_as_ray_task
+    from trainer.sampling.run import run_as_ray_task
 
     return run_as_ray_task(_eval_task, cfg, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)

@@ -26,6 +26,7 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
             cfg.checkpoint, storage_path=fix(cfg.checkpoint.storage_path)
         ),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path)),
+        ldm=dataclasses.replace(cfg.ldm, autoencoder=fix(cfg.ldm.autoencoder)),
         clip=dataclasses.replace(cfg.clip, model_config=fix(cfg.clip.model_config)),
         vqgan=dataclasses.replace(
             cfg.vqgan,

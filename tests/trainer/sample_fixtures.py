@@ -94,3 +94,95 @@ def make_sample_inputs(root: Path) -> dict[str, str]:
         "image_tokenizer": str(dvae),
         "model": str(make_dalle(root / "dalle", tok.vocab_size)),
     }
+
+
+# -- latent diffusion --------------------------------------------------------------------------
+
+LDM_TEXT_LEN = 8
+TEXT_ENCODER = {  # a tiny open_clip architecture (random weights: no checkpoint)
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": LDM_TEXT_LEN, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 1},
+}  # fmt: skip
+
+
+def make_klae(root: Path, seed: int = 0, scale: float = 0.8) -> Path:
+    """A freshly initialised tiny KL-AE export: 16-px images <-> 4x4x4 latents."""
+    from trainer.models.klae import SCALE_KEY, KlaeConfig, KlaeTokenizer
+
+    torch.manual_seed(seed)
+    cfg = KlaeConfig(image_size=16, block_out_channels=[8, 16, 16], norm_num_groups=4,
+                     latent_channels=4)  # fmt: skip
+    tok = KlaeTokenizer(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
+    save_file({**state, SCALE_KEY: torch.tensor(scale)}, str(root / "model.safetensors"))
+    (root / "config.yaml").write_text(to_yaml(TrainConfig(name="klae-tiny", objective="klae",
+                                                          klae=cfg)))  # fmt: skip
+    return root
+
+
+def make_latents(root: Path, klae: Path) -> dict:
+    """A latent-dataset directory holding what sampling reads: manifest (v2), the open_clip text
+    tokenizer and the empty-caption states of the (random) tiny text encoder."""
+    import hashlib
+
+    from data_pipeline import token_dataset as T
+    from data_pipeline.tokenize_stages import EmbedText, TextEncoderSpec
+
+    tok = TextTokenizer.open_clip(LDM_TEXT_LEN)
+    root.mkdir(parents=True, exist_ok=True)
+    tok.save(str(root / "text_tokenizer.json"))
+    ids = tok.encode([""])
+    spec = TextEncoderSpec("tiny", TEXT_ENCODER, "", 4, 1)
+    states = EmbedText(spec).encode(ids).reshape(LDM_TEXT_LEN, -1)
+    data = T.empty_caption_bytes(states, ids[0] != tok.pad_id)
+    (root / T.EMPTY_CAPTION_FILE).write_bytes(data)
+    manifest = {
+        "format": T.LATENT_FORMAT,
+        "version": T.LATENT_VERSION,
+        "shards": [],
+        MANIFEST_KEY: {"file": "text_tokenizer.json", **tok.describe()},
+        "text_pad_id": tok.pad_id,
+        "image_tokenizer": {"kind": "klae", "path": str(klae), "scaling_factor": 0.8,
+                            "fingerprint": file_digest(str(klae / "model.safetensors"))[1]},
+        "latent_shape": [4, 4, 4],
+        "scaling_factor": 0.8,
+        "text_embedding_shape": [LDM_TEXT_LEN, TEXT_ENCODER["text_cfg"]["width"]],
+        "text_encoder": {"model": "tiny", "model_config": TEXT_ENCODER, "checkpoint": "",
+                         "checkpoint_sha256": ""},
+        "empty_caption": {"file": T.EMPTY_CAPTION_FILE,
+                          "sha256": hashlib.sha256(data).hexdigest()},
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def make_ldm(root: Path, latents: Path, seed: int = 0) -> Path:
+    """A random tiny U-Net as an exported `objective=ldm` checkpoint directory."""
+    from data_pipeline.token_dataset import EMPTY_CAPTION_FILE
+    from trainer.models.unet import Unet, unet_preset
+
+    torch.manual_seed(seed)
+    cfg = unet_preset("tiny", sample_size=4, cross_attention_dim=TEXT_ENCODER["text_cfg"]["width"])
+    model = Unet(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(root / "model.safetensors"))  # fmt: skip
+    (root / "config.yaml").write_text(to_yaml(TrainConfig(name="ldm-tiny", objective="ldm",
+                                                          unet=cfg)))  # fmt: skip
+    (root / EMPTY_CAPTION_FILE).write_bytes((latents / EMPTY_CAPTION_FILE).read_bytes())
+    return root
+
+
+def make_ldm_inputs(root: Path) -> dict[str, str]:
+    """{recipe, tokens, image_tokenizer, model} of a complete tiny latent-diffusion setup."""
+    klae = make_klae(root / "klae")
+    make_latents(root / "latents", klae)
+    return {
+        "recipe": "ldm",
+        "tokens": str(root / "latents"),
+        "image_tokenizer": str(klae),
+        "model": str(make_ldm(root / "ldm", root / "latents")),
+    }

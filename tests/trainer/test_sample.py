@@ -22,17 +22,9 @@ from tests.trainer.sample_fixtures import (
 )
 from trainer.config import load_config
 from trainer.models.dalle import DalleTransformer, dalle_preset
-from trainer.sample import (
-    SampleConfig,
-    check_config,
-    filter_logits,
-    generate_ar,
-    load_dalle,
-    next_codes,
-    read_prompts,
-    run_sample,
-    sample_codes,
-)
+from trainer.sampling.ar import filter_logits, generate_ar, load_dalle, next_codes, sample_codes
+from trainer.sampling.config import SampleConfig, check_config, read_prompts
+from trainer.sampling.run import run_sample
 
 NEG = float("-inf")
 

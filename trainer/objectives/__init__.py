@@ -56,12 +56,19 @@ def _klae(cfg: TrainConfig):
     return KlaeObjective(cfg)
 
 
+def _ldm(cfg: TrainConfig):
+    from trainer.objectives.ldm import LdmObjective
+
+    return LdmObjective(cfg)
+
+
 OBJECTIVES: dict[str, Callable] = {
     "dalle": _dalle,
     "clip": _clip,
     "dvae": _dvae,
     "vqgan": _vqgan,
     "klae": _klae,
+    "ldm": _ldm,
 }
 
 

@@ -1,0 +1,149 @@
+"""Latent-diffusion training benchmark: every figure measured side by side in this one run.
+
+    .venv/bin/python -m benchmarks.ldm                 # ~10 min on 2 cores (sd2base dominates)
+    .venv/bin/python -m benchmarks.ldm --skip-sd2base  # the ratio only, ~2 min
+
+1. ratio: latents/s of our engine (Ray Train + DeepSpeed ZeRO-2, 1 worker owning all cores) over
+   a bare single-process diffusers loop — `UNet2DConditionModel`, torch AdamW on fp32 weights,
+   bf16 autocast where bf16 is native (else fp32), the loop a user of diffusers'
+   `train_text_to_image.py` writes — on the same U-Net (the `digits` preset), batch, data and
+   objective (ε-prediction MSE on closed-form-noised latents). Goal >= 0.9.
+2. sd2base: the Stable-Diffusion-2-base U-Net (865.9M parameters) on 2 workers, ZeRO-3 with the
+   optimizer state offloaded to disk (ZeRO-Infinity, as the 1.3B DALL-E needs here), batch 1 of
+   4x32x32 latents: optimizer steps taken?, peak RSS of both workers, seconds per step.
+
+The last line printed is exactly:
+ldm_ratio_vs_bare=<f> sd2base_steps_ok=<0|1> sd2base_params=<int> sd2base_peak_rss_gib=<f>
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from jobs.common import init_ray
+from trainer.config import RayConfig, TrainConfig, load_config
+from trainer.diffusion import NoiseSchedule, compute_noisy
+from trainer.engine import resolve_precision
+from trainer.launch import fit, worker_env
+from trainer.models.unet import Unet, diffusers_config, unet_preset
+from trainer.objectives.ldm import SYNTHETIC_TEXT_LEN
+
+BATCH = 32
+PRECISION = resolve_precision("auto")  # what the engine runs in by default on this machine
+
+
+def engine_cfg(name: str, storage: str, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, None, [
+        f"name={name}", "objective=ldm", f"checkpoint.storage_path={storage}",
+        "checkpoint.every_steps=0", "checkpoint.at_end=false", "failure_max_retries=0",
+        "data.source=synthetic", "optimizer.warmup_steps=1", *overrides,
+    ])  # fmt: skip
+
+
+def bare_loop_latents_per_s(steps: int, warmup: int) -> float:
+    """A plain diffusers training loop on the `digits` U-Net: same objective, no Ray/DeepSpeed."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    cfg = unet_preset("digits")
+    unet = UNet2DConditionModel(**diffusers_config(cfg)).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0)
+    ab = NoiseSchedule().alphas_cumprod()
+    z0 = torch.randn(BATCH, *cfg.latent_shape)
+    text = torch.randn(BATCH, SYNTHETIC_TEXT_LEN, cfg.cross_attention_dim)
+    mask = torch.ones(BATCH, SYNTHETIC_TEXT_LEN)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if PRECISION == "bf16"
+        else contextlib.nullcontext()
+    )
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        t = torch.randint(0, len(ab), (BATCH,))
+        eps = torch.randn_like(z0)
+        with autocast:
+            pred = unet(compute_noisy(z0, eps, t, ab), t, encoder_hidden_states=text,
+                        encoder_attention_mask=mask).sample  # fmt: skip
+        loss = torch.nn.functional.mse_loss(pred.float(), eps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * BATCH / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per throughput run")
+    ap.add_argument("--skip-sd2base", action="store_true", help="skip the 866M ZeRO-3 run")
+    ap.add_argument("--sd2base-steps", type=int, default=2)
+    ap.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "t2i-nvme-ldm"))
+    args = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    storage = tempfile.mkdtemp(prefix="t2i-bench-ldm-")
+    cores = os.cpu_count() or 2
+    torch.set_num_threads(cores)
+
+    bare = bare_loop_latents_per_s(args.steps, warmup=3)
+    print(f"bare diffusers loop (digits U-Net, {PRECISION}, batch {BATCH}): {bare:.1f} latents/s",
+          flush=True)  # fmt: skip
+
+    init_ray(RayConfig(num_cpus=cores + 2, dashboard=False), runtime_env={"env_vars": worker_env()})
+    # Two log windows of `steps` steps: the second one is steady state (no start-up inside).
+    res = fit(engine_cfg("ratio", storage, "unet.preset=digits", "scaling.num_workers=1",
+                         f"scaling.cpus_per_worker={cores}", "engine.zero_stage=2",
+                         f"data.batch_size={BATCH}", f"steps={2 * args.steps}",
+                         f"log_every={args.steps}", f"data.synthetic_samples={BATCH * 64}",
+                         "data.cache=true"))  # fmt: skip
+    if res.error:
+        raise res.error
+    engine = res.metrics["samples_per_s"]
+    ratio = engine / bare
+    print(f"Ray Train + DeepSpeed (1 worker, ZeRO-2, {PRECISION}): {engine:.1f} latents/s; "
+          f"ratio vs bare = {ratio:.3f}", flush=True)
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Unet(unet_preset("sd2base")).parameters())
+    ok, rss = 0, 0.0
+    if not args.skip_sd2base:
+        shutil.rmtree(args.nvme_path, ignore_errors=True)
+        t0 = time.perf_counter()
+        try:
+            r = fit(engine_cfg("sd2base", storage, "unet.preset=sd2base", "unet.sample_size=32",
+                               "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+                               "engine.zero_stage=3", "engine.activation_checkpointing=true",
+                               "engine.offload_optimizer=nvme", f"engine.nvme_path={args.nvme_path}",
+                               "data.batch_size=1", f"steps={args.sd2base_steps}", "log_every=1",
+                               "data.synthetic_samples=16"))  # fmt: skip
+            if r.error:
+                raise r.error
+            with open(os.path.join(storage, "sd2base", "tensorboard", "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+            m = rows[-1]
+            ok = int(m["step"] == args.sd2base_steps and m["skipped_steps"] == 0)
+            rss = max(row["peak_rss_gib_total"] for row in rows)
+            print(f"sd2base ({params / 1e6:.1f}M params) on 2 workers, ZeRO-3 + NVMe optimizer "
+                  f"offload: steps ok={ok}, peak RSS {rss:.1f} GiB (both workers), last step "
+                  f"{m['step_time_s']:.1f} s, total {time.perf_counter() - t0:.0f} s", flush=True)
+        except Exception as e:  # report, don't hide: the figure is 0 with the reason printed
+            print(f"sd2base run failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        shutil.rmtree(args.nvme_path, ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
+    print(f"ldm_ratio_vs_bare={ratio:.4f} sd2base_steps_ok={ok} sd2base_params={params} "
+          f"sd2base_peak_rss_gib={rss:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""objective=ldm: text-conditioned latent diffusion on a latent dataset (`t2i tokenize` recipe=ldm).
+
+    z_0, text states, mask   <- the dataset (latents already x the KL-AE's scaling factor)
+    caption dropout          :  with p = ldm.caption_dropout the row trains on the empty caption
+    t ~ U{0..T-1}, ε ~ N(0,I):  z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε    (diffusers' DDPM schedule)
+    loss                     =  mean_b w_b ‖target_b − U-Net(z_t, t, text)‖² / (C h w)
+                                target ε or v; w = min-SNR-γ weights (1 when off)
+
+Training never runs a text encoder or the autoencoder (the dataset holds their outputs); the KL-AE
+is loaded only to decode the logged sample grids. All noise is drawn on the CPU from torch's global
+stream, which the loop seeds per rank and restores on resume: an interrupted run draws exactly
+what the uninterrupted one would have, on any device.
+
+The EMA of the weights (`trainer/ema.py`) is a loop callback: each rank averages its own shard;
+`model.safetensors` and the diffusers export hold the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from data_pipeline import fs
+from data_pipeline import token_dataset as T
+from trainer.config import TrainConfig
+from trainer.diffusion import (
+    compute_caption_drop,
+    compute_min_snr_weights,
+    compute_noisy,
+    compute_target,
+)
+from trainer.ema import ShardedEma
+from trainer.models.unet import Unet, count_forward_flops, diffusers_config
+from trainer.recon import image_grid
+from trainer.sampling.ldm import build_scheduler, sample_latents
+
+GRID_PROMPTS = 8  # captions of the first micro-batch sampled into the logged grid
+SYNTHETIC_TEXT_LEN = 8  # text states per row of data.source=synthetic
+EXPORT_INFO = "t2i_ldm.json"  # what sampling needs beside the diffusers folders
+
+
+class LdmObjective:
+    name = "ldm"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.u, self.l = cfg, cfg.unet, cfg.ldm
+        self.ema = ShardedEma(cfg.ldm.ema_decay)
+        self.callbacks = (self.ema,)
+        self.alphas_cumprod = cfg.ldm.schedule.alphas_cumprod()  # (T,) float32
+        self._manifest: dict | None = None
+        self._uncond: dict[str, torch.Tensor] | None = None
+        self._autoencoder = None
+        self._fwd_flops = 0.0
+
+    # -- data ---------------------------------------------------------------------------------
+    def _synthetic(self) -> T.SyntheticLatents:
+        return T.SyntheticLatents(
+            latent_shape=self.u.latent_shape,
+            text_shape=(SYNTHETIC_TEXT_LEN, self.u.cross_attention_dim),
+            seed=self.cfg.seed,
+        )
+
+    def manifest(self) -> dict:
+        """The latent dataset's manifest, checked against the U-Net config (read once)."""
+        if self._manifest is None:
+            d = self.cfg.data
+            if not d.path:
+                raise ValueError("objective=ldm: data.path must name a latent dataset")
+            base = fs.resolve(d.path, endpoint_url=self.cfg.storage.endpoint_url,
+                              region=self.cfg.storage.region)  # fmt: skip
+            manifest = T.read_latent_manifest(base)
+            T.check_latent_compatible(
+                manifest,
+                latent_shape=self.u.latent_shape,
+                text_width=self.u.cross_attention_dim,
+                scaling_factor=self.l.scaling_factor,
+                source=d.path,
+            )
+            self._manifest = manifest
+        return self._manifest
+
+    def dataset(self):
+        d = self.cfg.data
+        if d.source == "synthetic":
+            import ray.data
+
+            rows = ray.data.range(d.synthetic_samples, override_num_blocks=1)
+            return rows.map_batches(self._synthetic(), batch_format="numpy")
+        if d.source != "tokens":
+            raise ValueError("objective=ldm reads a latent dataset: data.source=tokens|synthetic")
+        self.manifest()
+        ds, _ = T.read_latent_dataset(
+            d.path, endpoint_url=self.cfg.storage.endpoint_url, region=self.cfg.storage.region
+        )
+        return ds
+
+    def empty_caption(self, device) -> dict[str, torch.Tensor]:
+        """The unconditional text states (L, D) float32 and mask (L,) bool, on `device`."""
+        if self._uncond is None:
+            if self.cfg.data.source == "synthetic":
+                arrays = self._synthetic().empty_caption()
+            else:
+                base = fs.resolve(self.cfg.data.path, endpoint_url=self.cfg.storage.endpoint_url,
+                                  region=self.cfg.storage.region)  # fmt: skip
+                arrays = T.read_empty_caption(base, self.manifest())
+            self._uncond = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        return {k: v.to(device) for k, v in self._uncond.items()}
+
+    # -- model and loss -----------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        return Unet(self.u)  # (under ZeRO-3's zero.Init: partitioned as it is built)
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]):
+        z0 = batch[T.LATENT].float()  # (B, C, h, w), already scaled
+        text, mask = batch[T.TEXT_EMBEDDING].float(), batch[T.TEXT_MASK].bool()  # (B, L, D), (B, L)
+        b, device = z0.shape[0], z0.device
+        # Noise on the CPU from the loop's seeded stream (device-independent, resume-exact).
+        drop = compute_caption_drop(b, self.l.caption_dropout).to(device)
+        t = torch.randint(0, len(self.alphas_cumprod), (b,)).to(device)
+        eps = torch.randn(z0.shape).to(device)
+        uncond = self.empty_caption(device)
+        text = torch.where(drop[:, None, None], uncond[T.TEXT_EMBEDDING].expand_as(text), text)
+        mask = torch.where(drop[:, None], uncond[T.TEXT_MASK].expand_as(mask), mask)
+        z_t = compute_noisy(z0, eps, t, self.alphas_cumprod)
+        target = compute_target(self.l.prediction_type, z0, eps, t, self.alphas_cumprod)
+        dtype = next(engine.module.parameters()).dtype
+        pred = engine(z_t.to(dtype), t, text.to(dtype), mask).float()  # (B, C, h, w)
+        per_sample = (pred - target).square().mean(dim=(1, 2, 3))  # (B,)
+        weights = compute_min_snr_weights(
+            self.l.prediction_type, t, self.alphas_cumprod, self.l.min_snr_gamma
+        )
+        loss = (weights * per_sample).mean()
+        metrics = {"mse": per_sample.detach().mean(), "caption_drop": drop.float().mean()}
+        return loss, metrics
+
+    def tokens_in_batch(self, batch) -> int:
+        """One "token" is one latent: throughput is latents/s."""
+        return int(batch[T.LATENT].shape[0])
+
+    def flops_per_token(self) -> float:
+        """Forward + 2x for backward, per latent; counted once, outside any zero.Init context."""
+        if not self._fwd_flops:
+            text_len = SYNTHETIC_TEXT_LEN
+            if self.cfg.data.source == "tokens":
+                text_len = self.manifest()["text_embedding_shape"][0]
+            self._fwd_flops = count_forward_flops(self.u, text_len)
+        return 3.0 * self._fwd_flops
+
+    # -- logged sample grids ------------------------------------------------------------------
+    def autoencoder(self):
+        """The dataset's KL-AE (ldm.autoencoder, else the path the manifest records), checked by
+        fingerprint; None for synthetic data or when no path is known."""
+        if self._autoencoder is None and self.cfg.data.source == "tokens":
+            recorded = self.manifest()["image_tokenizer"]
+            path = self.l.autoencoder or recorded.get("path", "")
+            if not path:
+                return None
+            from trainer.models.image_tokenizer import load_image_tokenizer
+
+            tok = load_image_tokenizer(path, storage=self.cfg.storage)
+            if tok.fingerprint != recorded["fingerprint"]:
+                raise ValueError(
+                    f"ldm.autoencoder: {path} has fingerprint {tok.fingerprint}, but the latent "
+                    f"dataset {self.cfg.data.path} was encoded by {recorded['fingerprint']}"
+                )
+            self._autoencoder = tok
+        return self._autoencoder
+
+    @torch.no_grad()
+    def log_images(self, engine, batch) -> dict[str, np.ndarray]:
+        """Log steps: DDIM samples (with guidance) for the batch's first captions, decoded by the
+        dataset's KL-AE. Every rank runs the U-Net (a ZeRO-3 forward is a collective)."""
+        tok = self.autoencoder()
+        n = min(GRID_PROMPTS, batch[T.LATENT].shape[0])
+        text = batch[T.TEXT_EMBEDDING][:n].float()
+        uncond = self.empty_caption(text.device)
+        z = sample_latents(
+            engine.module,
+            build_scheduler("ddim", self.l.schedule.scheduler_config(self.l.prediction_type)),
+            text,
+            batch[T.TEXT_MASK][:n].bool(),
+            uncond[T.TEXT_EMBEDDING],
+            uncond[T.TEXT_MASK],
+            latent_shape=tuple(self.u.latent_shape),
+            steps=self.l.sample_steps,
+            guidance=self.l.sample_guidance,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+            dtype=next(engine.module.parameters()).dtype,
+        )
+        if tok is None:
+            return {}
+        real = tok.decode(batch[T.LATENT][:n].float().cpu())
+        return {"samples": image_grid([real, tok.decode(z.cpu())])}
+
+    # -- export -------------------------------------------------------------------------------
+    def export_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
+        """The EMA weights, gathered on rank 0 (a collective: every rank calls it)."""
+        return self.ema.export()
+
+    def write_export(self, local: str, weights: dict[str, torch.Tensor]) -> None:
+        """Rank 0, beside model.safetensors: diffusers folders `unet/` (EMA weights) and
+        `scheduler/`, `vae/` when the KL-AE is known, the empty-caption states, and
+        `t2i_ldm.json` (text encoder path + fingerprint, latent scale and shapes)."""
+        write_diffusers_unet(os.path.join(local, "unet"), self.u, weights)
+        sched = build_scheduler("ddim", self.l.schedule.scheduler_config(self.l.prediction_type))
+        sched.save_config(os.path.join(local, "scheduler"))
+        info = {"latent_shape": self.u.latent_shape, "prediction_type": self.l.prediction_type}
+        if self.cfg.data.source == "tokens":
+            m = self.manifest()
+            tok = self.autoencoder()
+            if tok is not None:
+                write_diffusers_vae(os.path.join(local, "vae"), tok)
+            info.update(
+                scaling_factor=m["scaling_factor"],
+                text_embedding_shape=m["text_embedding_shape"],
+                text_encoder=m["text_encoder"],
+                text_tokenizer=m.get("text_tokenizer"),
+                image_tokenizer=m["image_tokenizer"],
+                dataset=self.cfg.data.path,
+            )
+        uncond = self.empty_caption("cpu")
+        with open(os.path.join(local, T.EMPTY_CAPTION_FILE), "wb") as f:
+            f.write(T.empty_caption_bytes(uncond[T.TEXT_EMBEDDING].numpy(),
+                                          uncond[T.TEXT_MASK].numpy()))  # fmt: skip
+        with open(os.path.join(local, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+
+
+def write_diffusers_unet(folder: str, cfg, weights: dict[str, torch.Tensor]) -> None:
+    """`UNet2DConditionModel.from_pretrained(folder)` layout: config.json + safetensors."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__}
+    config.update({k: list(v) if isinstance(v, tuple) else v
+                   for k, v in diffusers_config(cfg).items()})  # fmt: skip
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    prefix = "unet."
+    state = {k[len(prefix):]: v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
+    save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def write_diffusers_vae(folder: str, tok) -> None:
+    """`AutoencoderKL.from_pretrained(folder)` layout for our KL-AE tokenizer (its scaling
+    factor in config.json, as SD's `vae/` carries it)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    from trainer.models.klae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS
+    from trainer.models.klae import diffusers_config as klae_config
+
+    os.makedirs(folder, exist_ok=True)
+    config = {"_class_name": "AutoencoderKL", "_diffusers_version": diffusers.__version__}
+    config.update({k: list(v) if isinstance(v, tuple) else v
+                   for k, v in klae_config(tok.cfg, tok.scaling_factor).items()})  # fmt: skip
+    with open(os.path.join(folder, DIFFUSERS_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
+    save_file(state, os.path.join(folder, DIFFUSERS_WEIGHTS))

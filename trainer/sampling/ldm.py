@@ -1,0 +1,233 @@
+"""Latent-diffusion sampling: diffusers' DDIM / DDPM schedulers, classifier-free guidance.
+
+    z_T ~ N(0, I) from a seeded generator
+    for t in the scheduler's timesteps:
+        ε_c, ε_u = U-Net(z_t, t, text), U-Net(z_t, t, empty caption)     (one batched forward)
+        ε̂ = ε_u + s (ε_c − ε_u)                                          (s = 1: ε_c alone)
+        z_{t-1} = scheduler.step(ε̂, t, z_t)                               (DDIM η, or DDPM)
+    images = KL-AE decode(z_0)
+
+`predict(z, t, text, mask)` is any callable returning the model output (ε or v, whichever the
+scheduler's `prediction_type` says): the bare U-Net, a DeepSpeed engine's module, or a test double.
+All noise comes from CPU `torch.Generator`s — one per candidate in `t2i sample`, so an image
+depends on its own seed only, not on its batch — and gives the same latents on any device.
+
+`LdmGenerator` is the recipe behind `t2i sample recipe=ldm`: prompts are tokenized and encoded by
+the text encoder the latent dataset was built with (path + sha256 checked against its manifest),
+the U-Net is the run's exported EMA weights, the dataset's KL-AE decodes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+
+from data_pipeline import fs
+from trainer.config import StorageConfig, TrainConfig, load_config
+from trainer.diffusion import compute_guided
+from trainer.engine import DTYPES, resolve_precision
+from trainer.sampling.common import (
+    Candidates,
+    Chunk,
+    candidate_seed,
+    check_same_tokenizer,
+    download_local,
+    generate_all,
+    to_uint8,
+)
+from trainer.sampling.config import SampleConfig
+
+SchedulerKind = Literal["ddim", "ddpm"]
+
+
+def build_scheduler(kind: SchedulerKind, config: dict):
+    """A fresh diffusers scheduler from the training schedule's config (`scheduler_config`)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if kind == "ddim":
+        return DDIMScheduler(**config, set_alpha_to_one=False)  # SD's DDIM setting
+    if kind == "ddpm":
+        return DDPMScheduler(**config)
+    raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {kind!r}")
+
+
+@torch.no_grad()
+def sample_latents(
+    predict: Callable[..., torch.Tensor],
+    scheduler,
+    text: torch.Tensor,  # (B, L, D) conditional text states
+    text_mask: torch.Tensor,  # (B, L) bool
+    uncond: torch.Tensor,  # (L, D) empty-caption states
+    uncond_mask: torch.Tensor,  # (L,) bool
+    *,
+    latent_shape: tuple[int, int, int],  # (C, h, w)
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | list[torch.Generator],  # one, or one per row
+    eta: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(B, C, h, w) float32 latents (still scaled: divide by the scaling factor to decode)."""
+    b = text.shape[0]
+    device = text.device
+    scheduler.set_timesteps(steps)
+    if isinstance(generator, list):
+        z = torch.stack([torch.randn(latent_shape, generator=g) for g in generator])
+    else:
+        z = torch.randn((b, *latent_shape), generator=generator, dtype=torch.float32)
+    z = (z * scheduler.init_noise_sigma).to(device)
+    guided = guidance != 1.0
+    if guided:  # one batch: conditional rows, then unconditional rows
+        text = torch.cat([text, uncond.to(text).expand(b, -1, -1)])
+        text_mask = torch.cat([text_mask, uncond_mask.to(text_mask).expand(b, -1)])
+    step_kwargs = {"eta": eta} if "eta" in _step_params(scheduler) else {}
+    for t in scheduler.timesteps:
+        model_in = torch.cat([z, z]) if guided else z
+        ts = torch.full((model_in.shape[0],), int(t), dtype=torch.long, device=device)
+        out = predict(model_in.to(dtype), ts, text.to(dtype), text_mask).float()
+        if guided:
+            out = compute_guided(out[b:], out[:b], guidance)
+        # The scheduler's own noise (DDPM, DDIM with eta > 0) comes from the CPU generator(s) too
+        # (diffusers draws row i from generator[i] when given a list).
+        z = scheduler.step(out.cpu(), t, z.cpu(), generator=generator, **step_kwargs).prev_sample
+        z = z.to(device)
+    return z
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def load_ldm(path: str, storage: StorageConfig, device: str = "cpu"):
+    """(Unet with the exported EMA weights, in eval mode; its TrainConfig; the empty-caption
+    states {text_embedding (L, D), text_mask (L,)}) from a run or exported checkpoint dir."""
+    from safetensors.numpy import load
+    from safetensors.torch import load_file
+
+    from data_pipeline import token_dataset as T
+    from trainer.checkpoint import find_exported
+    from trainer.models.image_tokenizer import CONFIG, WEIGHTS, load_strict
+    from trainer.models.unet import Unet
+
+    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
+    src = find_exported(loc, weights=WEIGHTS, config=CONFIG, what="latent-diffusion model")
+    with tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
+        train_cfg = load_config(TrainConfig, download_local(src.join(CONFIG), tmp), require=False)
+        if train_cfg.objective != "ldm":
+            raise ValueError(
+                f"{src.join(CONFIG).uri}: objective is {train_cfg.objective!r}; "
+                "recipe 'ldm' needs a latent-diffusion run (objective: ldm)"
+            )
+        state = load_file(download_local(src.join(WEIGHTS), tmp))
+    model = Unet(train_cfg.unet)
+    load_strict(model, state, what=src.join(WEIGHTS).uri, layout="Unet")
+    uncond = load(fs.read_bytes(src.join(T.EMPTY_CAPTION_FILE)))
+    uncond = {T.TEXT_EMBEDDING: uncond[T.TEXT_EMBEDDING].astype(np.float32),
+              T.TEXT_MASK: uncond[T.TEXT_MASK].astype(bool)}  # fmt: skip
+    return model.to(device).eval(), train_cfg, uncond
+
+
+def text_encoder_checkpoint(cfg: SampleConfig, manifest: dict) -> str:
+    """The text encoder's local checkpoint: `cfg.text_encoder` or the manifest's, with the
+    manifest's sha256 (a different encoder's states mean nothing to the U-Net)."""
+    recorded = manifest.get("text_encoder") or {}
+    path = cfg.text_encoder or recorded.get("checkpoint", "")
+    want = recorded.get("checkpoint_sha256", "")
+    if not path:
+        if want:
+            raise ValueError(
+                f"text_encoder: the dataset {cfg.tokens} was encoded with a checkpoint "
+                f"(sha256 {want[:12]}...) that its manifest does not locate; set text_encoder="
+            )
+        return ""  # random-weights encoder (tests): the manifest recorded none either
+    got = fs.file_digest(path)[1]
+    if got != want:
+        raise ValueError(
+            f"text_encoder {path}: sha256 {got[:12]}... but the dataset {cfg.tokens} was encoded "
+            f"with {recorded.get('checkpoint') or 'another checkpoint'} (sha256 {want[:12]}...)"
+        )
+    return path
+
+
+class LdmGenerator:
+    """The latent-diffusion recipe, loaded once; `gen(rows) -> Chunk` samples those rows."""
+
+    units = "denoising steps"
+
+    def __init__(self, cfg: SampleConfig, prompts: list[str], device: str, log=print):
+        from data_pipeline import token_dataset as T
+        from data_pipeline.text_tokens import load_text_tokenizer
+        from data_pipeline.tokenize_stages import EmbedText, TextEncoderSpec
+        from trainer.models.image_tokenizer import load_image_tokenizer
+
+        self.cfg, self.device = cfg, device
+        s = cfg.sample
+        self.units_per_candidate = s.steps
+        model, train_cfg, uncond = load_ldm(cfg.model, cfg.storage, device)
+        self.dtype = DTYPES[resolve_precision(cfg.precision)]
+        self.model, self.train_cfg = model.to(self.dtype), train_cfg
+        base = fs.resolve(cfg.tokens, endpoint_url=cfg.storage.endpoint_url,
+                          region=cfg.storage.region)  # fmt: skip
+        manifest = T.read_latent_manifest(base)
+        T.check_latent_compatible(
+            manifest,
+            latent_shape=train_cfg.unet.latent_shape,
+            text_width=train_cfg.unet.cross_attention_dim,
+            source=cfg.tokens,
+        )
+        self.image_tok = load_image_tokenizer(cfg.image_tokenizer, storage=cfg.storage,
+                                              device=device)  # fmt: skip
+        if self.image_tok.discrete:
+            raise ValueError(
+                f"image_tokenizer {cfg.image_tokenizer}: a {self.image_tok.kind} cannot decode "
+                f"latents; recipe=ldm needs the dataset's KL autoencoder"
+            )
+        check_same_tokenizer(cfg, self.image_tok.fingerprint)
+        text_tok = load_text_tokenizer(cfg.tokens, cfg.storage)
+        for line in text_tok.truncation_warnings(prompts):
+            log(f"warning: prompt {line}")
+        ids = text_tok.encode(prompts)
+        enc = manifest["text_encoder"]
+        spec = TextEncoderSpec(enc["model"], enc.get("model_config"),
+                               text_encoder_checkpoint(cfg, manifest), 64, torch.get_num_threads())
+        length, width = manifest["text_embedding_shape"]
+        states = EmbedText(spec).encode(ids).astype(np.float32).reshape(-1, length, width)
+        self.text = torch.from_numpy(states).to(device)  # (P, L, D), fp16-rounded as in training
+        self.mask = torch.from_numpy(ids != text_tok.pad_id).to(device)  # (P, L)
+        self.uncond = {k: torch.from_numpy(v).to(device) for k, v in uncond.items()}
+        self.sched_config = train_cfg.ldm.schedule.scheduler_config(train_cfg.ldm.prediction_type)
+
+    def __call__(self, rows: list[tuple[int, int]]) -> Chunk:
+        from data_pipeline import token_dataset as T
+
+        s = self.cfg.sample
+        seeds = np.array([candidate_seed(s.seed, p, c) for p, c in rows], np.int64)
+        p_idx = torch.tensor([p for p, _ in rows], device=self.device)
+        z = sample_latents(
+            self.model,
+            build_scheduler(s.scheduler, self.sched_config),
+            self.text[p_idx],
+            self.mask[p_idx],
+            self.uncond[T.TEXT_EMBEDDING],
+            self.uncond[T.TEXT_MASK],
+            latent_shape=tuple(self.train_cfg.unet.latent_shape),
+            steps=s.steps,
+            guidance=s.guidance,
+            generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
+            eta=s.eta,
+            dtype=self.dtype,
+        )
+        with torch.no_grad():
+            pixels = self.image_tok.decode(z.float())  # (b, 3, H, W) in [0, 1]
+        return Chunk(rows, to_uint8(pixels), seeds)
+
+
+def generate_ldm(cfg: SampleConfig, prompts: list[str], device: str, log=print) -> Candidates:
+    """Every candidate of every prompt with the latent-diffusion recipe, in this process."""
+    return generate_all(LdmGenerator(cfg, prompts, device, log), cfg, prompts, log)
