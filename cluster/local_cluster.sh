@@ -24,6 +24,9 @@ WAIT_S=${RAY_NODE_WAIT_S:-120}
 # Token authentication stays on: every node and client presents the token
 # ($RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token).
 export RAY_AUTH_MODE=token
+# Processes on these nodes that look for "the" cluster (Ray Train's placement-group cleaner,
+# drivers) find this one, even when other Ray instances run on the same machine.
+export RAY_ADDRESS="127.0.0.1:$PORT"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,9 +63,10 @@ def test_capacity_watch_names_the_missing_resources_and_stops_within_the_wait(mo
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server, tmp_path_factory):
+def cluster(s3_server):
     """Head + 1 worker node, 2 CPUs each, this test's own token; stopped (only it) at the end."""
-    base = tmp_path_factory.mktemp("cluster")
+    # A short path: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+    base = Path(tempfile.mkdtemp(prefix="t2i-mn-", dir="/tmp"))
     token = base / "auth_token"
     token.write_text(secrets.token_hex(32))
     head_port, dash = free_port(), free_port()
@@ -96,6 +99,7 @@ def cluster(s3_server, tmp_path_factory):
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "sh": sh}
     finally:
         sh("stop")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def t2i(cluster, *args: str, env: dict | None = None, timeout: float = 600):
@@ -172,7 +176,7 @@ def test_spread_training_survives_losing_a_node(cluster, s3_bucket):
     bit-identical to an uninterrupted run. Also: list, status and logs of the jobs."""
     import torch
 
-    steps = 40
+    steps = 20
     clean = t2i(cluster, *train_args(f"s3://{s3_bucket}/clean", "clean", steps))
     assert clean.returncode == 0, (clean.stdout + clean.stderr)[-4000:]
     nodes = dict(re.findall(r"\[t2i\] rank (\d)/2 on node (\w+)", clean.stdout))
@@ -184,13 +188,13 @@ def test_spread_training_survives_losing_a_node(cluster, s3_bucket):
     from trainer import checkpoint as ck
 
     run = fs.resolve(f"s3://{s3_bucket}/faulty").join("run")
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # job start on a busy 2-core machine takes minutes
     while not ck.list_complete(run):  # the first complete checkpoint: then the node dies
         assert time.monotonic() < deadline, t2i(cluster, "logs", "faulty").stdout[-4000:]
         time.sleep(0.5)
     cluster["sh"]("kill-node", "1")
     logs = ""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # node death detected, group restarted, then 5 s
     while "capacity: the cluster's alive nodes are short of CPU" not in logs:
         assert time.monotonic() < deadline, logs[-4000:]  # said within the bounded wait
         time.sleep(2)
