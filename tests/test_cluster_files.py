@@ -47,6 +47,16 @@ def test_aws_config_validates_against_rays_own_schema():
     # The validator is not vacuous: a misspelt top-level key is rejected.
     with pytest.raises(jsonschema.ValidationError, match="head_start_commands"):
         jsonschema.validate({**aws(), "head_start_commands": []}, schema)
+    # What `ray up` runs before it contacts AWS: defaults merged, then the schema and its own
+    # cross-checks (head type among the node types, min_workers within max_workers).
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(aws())
+    validate_config(prepared)
+    assert prepared["head_node_type"] == "head"
+    # The token fetch survives the merge into each node type's setup commands.
+    merged = prepared["head_setup_commands"] + prepared["worker_setup_commands"]
+    assert sum("aws_auth_token.sh" in c for c in merged) == 2
 
 
 def test_aws_every_node_gets_the_same_token_from_secrets_manager():
