@@ -399,7 +399,7 @@ def write_checkpoint(run: fs.Location, step: int, world: int) -> None:
     for r in range(world):
         shard = local / "ds" / ck.DS_TAG / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
         shard.parent.mkdir(parents=True, exist_ok=True)
-        shard.write_bytes(f"step {step} rank {r}".encode())
+        torch.save({"step": torch.tensor(step), "rank": torch.tensor(r)}, shard)
         save_file({"torch_cpu": torch.get_rng_state()}, str(local / f"rng_rank{r:05d}.safetensors"))
     (local / "train_state.json").write_bytes(ck.state_to_json(ck.TrainState(step=step)))
     dest = run.join("checkpoints", ck.step_dir_name(step))
