@@ -17,9 +17,13 @@ loader skips it (a crash mid-save leaves exactly that). We never trust DeepSpeed
 which it writes before its final barrier. Every rank stages its own files on local disk, uploads
 them, and reports their checksums to rank 0, which writes the manifest once all uploads are done.
 
-DeepSpeed's engine state is pickled (`torch.load(weights_only=False)` inside DeepSpeed); we only
-hand DeepSpeed files whose sha256 matches the manifest that this code wrote. Exported weights are
-safetensors, which cannot execute code.
+DeepSpeed's engine state is pickled, and DeepSpeed 0.19 loads it with
+`torch.load(weights_only=False)`, which runs whatever a pickle says. The manifest sits in the same
+bucket, so its sha256 catches corruption, not a planted file. `download` therefore also loads
+every `.pt` file once with `torch.load(weights_only=True)` and an explicit allow-list of the few
+DeepSpeed types its ZeRO 0-3 state holds (`deepspeed_safe_globals`) before DeepSpeed sees it; a file
+that needs anything else is refused (`UnsafeCheckpointError`) and nothing in it runs. Exported
+weights are safetensors, which cannot execute code.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -139,11 +145,49 @@ def list_complete(run: fs.Location) -> list[tuple[int, fs.Location]]:
     return sorted(found, key=lambda t: -t[0])
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that a weights-only load refuses: it would run code if unpickled."""
+
+
+def deepspeed_safe_globals() -> list:
+    """The non-torch types in DeepSpeed 0.19's checkpoint state, beyond torch's own weights-only
+    set. Found by saving tiny ZeRO-0/1/2/3 checkpoints (fp32 and bf16, torch AdamW) and listing
+    `torch.serialization.get_unsafe_globals_in_checkpoint`: the ZeRO optimizer state holds its
+    stage enum, its loss scaler and (ZeRO-1/2) fragment addresses; the model state holds none.
+    `DynamicLossScaler` is what fp16 runs hold in the same place. All are plain data classes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def check_weights_only(path: str, name: str) -> None:
+    """Load `path` with `torch.load(weights_only=True)` plus `deepspeed_safe_globals()`; raise
+    UnsafeCheckpointError naming `name` if it needs anything else. Zip-format files are memory-
+    mapped, so the check reads the pickle, not the tensor data."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        raise UnsafeCheckpointError(
+            f"{name}: refusing to load: it needs more than tensors and the allowed DeepSpeed "
+            f"types (would run code if unpickled): {reason[0] if reason else type(e).__name__}"
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{name}: not a readable torch file: {e}") from None
+
+
 def download(ckpt: fs.Location, local_root: str, *, rank: int | None = None) -> dict:
-    """Fetch a complete checkpoint to `local_root`, verifying every file's sha256.
+    """Fetch a complete checkpoint to `local_root`, verifying every file's sha256, and every
+    `.pt` file (DeepSpeed state) with a weights-only load (`check_weights_only`).
 
     With `rank`, other ranks' ZeRO shards are skipped (same world size on resume).
-    Raises ValueError naming the file on any mismatch.
+    Raises ValueError naming the file on any mismatch, UnsafeCheckpointError (a ValueError) on a
+    file that a weights-only load refuses.
     """
     doc = read_manifest(ckpt)
     if doc is None:
@@ -161,6 +205,8 @@ def download(ckpt: fs.Location, local_root: str, *, rank: int | None = None) -> 
                 out.write(chunk)
         if h.hexdigest() != meta["sha256"]:
             raise ValueError(f"{ckpt.join(rel).uri}: sha256 does not match the manifest")
+        if rel.endswith(".pt"):
+            check_weights_only(dst, ckpt.join(rel).uri)
     return doc
 
 
@@ -180,6 +226,33 @@ def prune(run: fs.Location, keep: int) -> list[str]:
             base.fs.delete_dir(info.path)
             removed.append(info.path)
     return removed
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """`safetensors.torch.save` with a canonical header: same tensors and metadata, same bytes.
+
+    safetensors keeps `metadata` in a Rust HashMap, whose order is random per map, so two saves
+    of identical weights differ in their header (and fingerprint) once there are two metadata
+    keys. We rewrite the JSON header with sorted keys and no spaces, padded to 8 bytes as
+    safetensors pads it; the tensor data and its offsets are untouched."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    canon = {}
+    if "__metadata__" in header:
+        canon["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    canon.update(sorted(header.items()))
+    text = json.dumps(canon, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write `safetensors_bytes(tensors, metadata)` to the local file `path`."""
+    with open(path, "wb") as f:
+        f.write(safetensors_bytes(tensors, metadata))
 
 
 def staging_dir(prefix: str) -> str:

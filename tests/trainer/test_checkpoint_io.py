@@ -1,11 +1,19 @@
 """Checkpoint directories: complete ones are found newest-first; anything else is ignored."""
 
+import io
 import os
 
 import pytest
+import torch
 
 from data_pipeline import fs
 from trainer import checkpoint as ck
+
+
+def pt_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def make_ckpt(run: fs.Location, step: int, tmp_path, *, manifest=True, files=None):
@@ -13,9 +21,9 @@ def make_ckpt(run: fs.Location, step: int, tmp_path, *, manifest=True, files=Non
     for rel, data in (
         files
         or {
-            "ds/state/mp_rank_00_model_states.pt": b"m" * 10,
-            "ds/state/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"0",
-            "ds/state/zero_pp_rank_1_mp_rank_00_optim_states.pt": b"1",
+            "ds/state/mp_rank_00_model_states.pt": pt_bytes({"module": {"w": torch.ones(3)}}),
+            "ds/state/zero_pp_rank_0_mp_rank_00_optim_states.pt": pt_bytes({"r": torch.zeros(1)}),
+            "ds/state/zero_pp_rank_1_mp_rank_00_optim_states.pt": pt_bytes({"r": torch.ones(1)}),
             "train_state.json": b"{}",
         }
     ).items():
@@ -48,7 +56,10 @@ def test_latest_complete_skips_incomplete_and_corrupt(where, tmp_path, request):
 
     # Same size, different bytes: found complete by size, but download verifies sha256.
     tampered = make_ckpt(run, 50, tmp_path)
-    fs.write_bytes_atomic(tampered.join("ds/state/mp_rank_00_model_states.pt"), b"x" * 10)
+    target = tampered.join("ds/state/mp_rank_00_model_states.pt")
+    data = bytearray(fs.read_bytes(target))
+    data[-40] ^= 0xFF  # one bit pattern flipped, size unchanged
+    fs.write_bytes_atomic(target, bytes(data))
     assert ck.list_complete(run)[0][0] == 50
     with pytest.raises(ValueError, match="sha256 does not match"):
         ck.download(tampered, str(tmp_path / "dl50"))
@@ -152,3 +163,112 @@ def test_failed_multipart_upload_is_aborted(s3_bucket, tmp_path):
         fs.upload_file(str(tmp_path / "w.bin"), loc, part_bytes=5 << 20, on_part=fail)
     assert not fs.exists(loc)
     assert boto3.client("s3").list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+class Payload:
+    """Unpickling this runs code: it writes `marker`."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('payload ran')",))
+
+
+def test_planted_pickle_payload_is_refused(tmp_path):
+    """A pickle payload in the optimizer file, WITH a matching sha256 manifest (as anyone who can
+    write the bucket could plant): download refuses it by name, resume's rank-0 choice falls back
+    to the previous checkpoint, and the payload never runs. A weights_only=False load (what
+    DeepSpeed 0.19 does) would run it."""
+    from trainer import loop
+
+    marker = tmp_path / "marker"
+    run = fs.resolve(str(tmp_path / "runs" / "r"))
+    make_ckpt(run, 10, tmp_path)
+    optim = "ds/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    planted = pt_bytes({"optimizer_state_dict": {"state": Payload(str(marker))}})
+    files = {
+        "ds/state/mp_rank_00_model_states.pt": pt_bytes({"module": {"w": torch.ones(3)}}),
+        optim: planted,
+        "train_state.json": b"{}",
+    }
+    bad = make_ckpt(run, 20, tmp_path, files=files)
+    assert [s for s, _ in ck.list_complete(run)] == [20, 10]  # the manifest matches
+
+    with pytest.raises(ck.UnsafeCheckpointError, match=f"{optim}: refusing to load"):
+        ck.download(bad, str(tmp_path / "dl"), rank=0)
+    local = tmp_path / "resume"
+    local.mkdir()
+    assert loop.pick_checkpoint(run, str(local)) == 10
+    assert not marker.exists()
+
+    torch.load(io.BytesIO(planted), weights_only=False)  # the control: the payload is live
+    assert marker.read_text() == "payload ran"
+
+
+# Saves a tiny real DeepSpeed checkpoint per ZeRO stage / precision into argv[1] (one process,
+# world size 1, gloo): the state our allow-list must accept.
+DS_SAVER = """
+import os, sys, torch, torch.nn as nn, torch.distributed as dist
+import deepspeed
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+deepspeed.init_distributed(dist_backend="gloo")
+for stage, prec in [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    if prec == "bf16":
+        ds["bf16"] = {"enabled": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    loss = eng(torch.randn(2, 4, dtype=dtype)).float().pow(2).mean()
+    eng.backward(loss)
+    eng.step()
+    eng.save_checkpoint(os.path.join(sys.argv[1], f"z{stage}_{prec}"), tag="state")
+"""
+
+
+@pytest.mark.slow
+def test_real_deepspeed_state_passes_the_weights_only_check(tmp_path):
+    """Real DeepSpeed 0.19 ZeRO-0/1/2/3 state (fp32, bf16) loads under the allow-list, and the
+    allow-list is needed: plain weights_only=True refuses the ZeRO optimizer files."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    subprocess.run(
+        [sys.executable, "-c", DS_SAVER, str(tmp_path), str(free_port())], check=True, env=env
+    )
+    pts = sorted(str(p) for p in tmp_path.rglob("*.pt"))
+    assert len(pts) == 7  # stage 0: one file; stages 1-3: model + optimizer
+    for p in pts:
+        ck.check_weights_only(p, p)
+    refused = []
+    for p in pts:
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            refused.append(os.path.basename(os.path.dirname(os.path.dirname(p))))
+    assert sorted(refused) == ["z1_bf16", "z2_fp32", "z3_bf16"]
+
+
+def test_safetensors_bytes_are_deterministic(tmp_path):
+    """Same weights and metadata -> same bytes, in any save; safetensors' own save varies."""
+    from safetensors.torch import load, load_file, save
+
+    weights = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(2).bfloat16()}
+    meta = {"objective": "dalle", "step": "100", "source": "test", "format": "pt"}
+    assert len({save(weights, metadata=meta) for _ in range(20)}) > 1  # the problem
+    ours = {ck.safetensors_bytes(weights, meta) for _ in range(20)}
+    assert len(ours) == 1
+    ck.save_safetensors(weights, str(tmp_path / "m.safetensors"), meta)
+    assert (tmp_path / "m.safetensors").read_bytes() in ours
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert back.keys() == weights.keys()
+    assert all(torch.equal(back[k], weights[k]) and back[k].dtype == weights[k].dtype for k in back)
+    assert load(ck.safetensors_bytes(weights)).keys() == weights.keys()  # no metadata
