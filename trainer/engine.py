@@ -113,14 +113,31 @@ def build_deepspeed_config(
     return ds
 
 
+# Modules whose parameters never decay, whatever their shape: lookup tables and normalisers.
+NO_DECAY_MODULES = (
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*d, InstanceNorm*d
+)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices, not biases, norms or embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_matrix = p.ndim >= 2 and "emb" not in name and "pos" not in name
-        (decay if is_matrix else no_decay).append(p)
+    """AdamW groups by parameter role: decay the matrices and kernels of linear and convolution
+    layers (any >= 2-D parameter, also one a module holds directly, like the dVAE's conv `w`);
+    never biases, gains or scalars (< 2-D), nor any parameter of an embedding or norm module.
+    The role comes from the owning module's type, not the name (a substring test once took
+    `post_quant_conv.weight` for a positional embedding)."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:  # a tied weight: its first owner decides
+                continue
+            seen.add(id(p))
+            is_matrix = p.ndim >= 2 and not isinstance(module, NO_DECAY_MODULES)
+            (decay if is_matrix else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
