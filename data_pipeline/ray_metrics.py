@@ -9,13 +9,22 @@ Prometheus sees every name with Ray's `ray_` prefix: `t2i_train_loss` is `ray_t2
 What each metric means is documented here, once, in `TRAIN` and `DATA` (docs/monitoring.md and the
 README's "Monitoring" section list the same table). Recording is a no-op outside Ray, so library
 code can call it unconditionally.
+
+Gauges hold their last value: Ray's agent drops a gauge series that was not reported again within
+two export intervals (measured with Ray 2.60: a value set once is gone from the endpoint after
+~20 s), and a training log interval or a data phase can be much longer than that. So every
+process re-sets its gauges' last values every `REFRESH_S` from one daemon thread, for as long as
+the process lives (a finished Train worker or driver stops, and its series age out).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 PROMETHEUS_PREFIX = "ray_"  # Ray prepends it to every application metric
+REFRESH_S = 5.0  # < half of Ray's default 10 s export interval: a gauge never ages out
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ class MetricSet:
     def __init__(self, specs: dict[str, Spec], tag_keys: tuple[str, ...], extra_tags=()):
         self.specs, self.tag_keys = specs, tuple(tag_keys) + tuple(extra_tags)
         self._metrics: dict = {}
+        self._last: dict[tuple, tuple[str, float, dict]] = {}  # gauge series -> last value
+        self._lock = threading.Lock()
 
     def _metric(self, name: str):
         if name not in self._metrics:
@@ -111,8 +122,49 @@ class MetricSet:
             metric = self._metric(name)
             if self.specs[name].kind == "gauge":
                 metric.set(float(value), tags=tags)
+                with self._lock:
+                    self._last[(name, *sorted(tags.items()))] = (name, float(value), tags)
+                _keep_fresh(self)
             else:
                 metric.inc(float(value), tags=tags)
+
+    def refresh(self) -> None:
+        """Report every gauge series' last value again (see the module docstring)."""
+        with self._lock:
+            last = list(self._last.values())
+        for name, value, tags in last:
+            self._metric(name).set(value, tags=tags)
+
+
+# The one refresher of this process and the metric sets it keeps fresh (process-local state:
+# Ray metric objects cannot cross processes, so each process refreshes its own).
+_fresh: list[MetricSet] = []
+_fresh_lock = threading.Lock()
+_refresher: threading.Thread | None = None
+
+
+def _keep_fresh(metrics: MetricSet) -> None:
+    global _refresher
+    with _fresh_lock:
+        if not any(m is metrics for m in _fresh):
+            _fresh.append(metrics)
+        if _refresher is None:
+            _refresher = threading.Thread(target=_refresh_forever, name="t2i-metrics", daemon=True)
+            _refresher.start()
+
+
+def _refresh_forever() -> None:
+    while True:
+        time.sleep(REFRESH_S)
+        if not ray_ready():
+            continue
+        with _fresh_lock:
+            sets = list(_fresh)
+        for m in sets:
+            try:
+                m.refresh()
+            except Exception as e:  # e.g. Ray shut down mid-refresh: say so, keep the thread
+                print(f"[t2i] metrics refresh failed: {e!r}", flush=True)
 
 
 class DataStageMetrics:
