@@ -11,16 +11,27 @@
    at 2 workers / 1 worker (goal <= 0.55).
 4. The 1.3B preset on 2 workers inside this machine: ZeRO-3 + optimizer state offloaded to disk
    (ZeRO-Infinity); optimizer steps taken?, peak RSS, step time.
+5. The paper's sparse pattern (row/col/conv, computed blockwise) vs the same pattern through
+   dense (L, L) masks, on the peer config at a 32x32 grid (L = 64 + 1024): training tokens/s
+   ratio (goal >= 1.0) and peak process memory ratio (goal <= 0.7), each run in a fresh process
+   (a plain loop: fp32 weights and AdamW, autocast to the engine's dtype).
+6. Cached sampling on the peer config: image tokens/s of one candidate (prefill + 255 decode
+   steps, multinomial sampling) in the engine's dtype; batched candidates printed too.
+
+    .venv/bin/python -m benchmarks.train --only-sparse  # parts 5 and 6 alone
 
 The last line printed is exactly:
-overhead_ratio=<f> mfu=<f> zero3_mem_ratio=<f> b1_steps_ok=<0|1> b1_params=<int> b1_peak_rss_gib=<f>
+overhead_ratio=<f> mfu=<f> zero3_mem_ratio=<f> sparse_vs_dense=<f> sparse_mem_ratio=<f> \
+sample_tok_s=<f> b1_steps_ok=<0|1> b1_params=<int> b1_peak_rss_gib=<f>
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -76,12 +87,108 @@ def bare_loop_tokens_per_s(steps: int, warmup: int) -> float:
     return steps * BATCH * cfg.seq_len / (time.perf_counter() - t0)
 
 
+SPARSE_GRID = 32  # parts 5-6: the paper's grid, where sparsity matters (the peer uses 16)
+
+
+def _attention_run(shape: dict, batch: int, steps: int, warmup: int, out) -> None:
+    """Child process of `sparse_vs_dense`: trains DalleConfig fields `shape`; puts (tokens/s,
+    peak RSS GiB, GiB saved for backward) on queue `out`."""
+    torch.set_num_threads(os.cpu_count() or 2)
+    torch.manual_seed(0)
+    cfg = dalle_preset("tiny", **shape)
+    model = DalleTransformer(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    text = torch.randint(1, cfg.text_vocab, (batch, cfg.text_len))
+    image = torch.randint(0, cfg.image_vocab, (batch, cfg.image_len))
+    low = PRECISION != "fp32"
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}  # storage -> bytes of what autograd keeps for backward
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    t0, most = 0.0, 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        saved.clear()  # all alive until backward: no address is reused within one forward
+        with torch.autocast("cpu", dtype=DTYPES[PRECISION], enabled=low), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tl, il = model(text, image)
+            loss, _ = compute_dalle_loss(tl, il, model.internal_text(text), image)
+        most = max(most, sum(saved.values()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tok_s = steps * batch * cfg.seq_len / (time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out.put((tok_s, peak, most / 2**30))
+
+
+def sparse_vs_dense(batch: int, steps: int) -> tuple[float, float]:
+    """(sparse/dense training tokens/s, sparse/dense peak RSS) on the peer config at a 32x32
+    grid with the paper's layer schedule; dense = the same masks as (L, L) tensors."""
+    ctx = multiprocessing.get_context("spawn")
+    res = {}
+    for impl in ("sparse", "matmul"):
+        q = ctx.Queue()
+        shape = {**PEER, "image_grid": SPARSE_GRID, "attn_impl": impl}
+        p = ctx.Process(target=_attention_run, args=(shape, batch, steps, 1, q))
+        p.start()
+        res[impl] = q.get()
+        p.join()
+        print(f"{'sparse' if impl == 'sparse' else 'dense-mask'} attention, peer config at "
+              f"{SPARSE_GRID}x{SPARSE_GRID}, batch {batch}, {PRECISION}: {res[impl][0]:.0f} "
+              f"tokens/s, peak RSS {res[impl][1]:.2f} GiB, activations saved for backward "
+              f"{res[impl][2]:.2f} GiB", flush=True)
+    print(f"activations saved for backward, sparse / dense: "
+          f"{res['sparse'][2] / res['matmul'][2]:.3f}", flush=True)
+    return res["sparse"][0] / res["matmul"][0], res["sparse"][1] / res["matmul"][1]
+
+
+@torch.no_grad()
+def sample_tokens_per_s(batch: int) -> float:
+    """Image tokens/s (all candidates) of cached sampling on the peer config in PRECISION."""
+    torch.manual_seed(0)
+    model = DalleTransformer(dalle_preset("tiny", **PEER)).to(DTYPES[PRECISION]).eval()
+    text = torch.randint(1, model.cfg.text_vocab, (batch, model.cfg.text_len))
+    t0 = time.perf_counter()
+    cache, logits = model.prefill(text)
+    for j in range(model.cfg.image_len):
+        code = torch.multinomial(logits.float().softmax(-1), 1)[:, 0]  # (B,)
+        if j < model.cfg.image_len - 1:
+            logits = model.decode_step(code, cache)
+    return batch * model.cfg.image_len / (time.perf_counter() - t0)
+
+
+def sparse_and_sampling(batch: int, steps: int) -> tuple[float, float, float]:
+    """Parts 5 and 6: (sparse_vs_dense, sparse_mem_ratio, sample_tok_s)."""
+    speed, mem = sparse_vs_dense(batch, steps)
+    print(f"sparse vs dense masks: tokens/s ratio {speed:.3f}, peak memory ratio {mem:.3f}",
+          flush=True)
+    tok_s = sample_tokens_per_s(1)
+    many = sample_tokens_per_s(8)
+    print(f"cached sampling, peer config, {PRECISION}: {tok_s:.1f} image tokens/s (1 candidate), "
+          f"{many:.1f} (8 candidates batched)", flush=True)
+    return speed, mem, tok_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per throughput run")
     ap.add_argument("--skip-1b", action="store_true", help="skip the 1.3B ZeRO-Infinity run")
     ap.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "t2i-nvme"))
+    ap.add_argument("--only-sparse", action="store_true", help="run parts 5 and 6 only")
+    ap.add_argument("--sparse-batch", type=int, default=BATCH, help="batch of part 5")
+    ap.add_argument("--sparse-steps", type=int, default=2, help="timed steps of part 5")
     args = ap.parse_args()
+    if args.only_sparse:
+        torch.set_num_threads(os.cpu_count() or 2)
+        speed, mem, tok_s = sparse_and_sampling(args.sparse_batch, args.sparse_steps)
+        print(f"sparse_vs_dense={speed:.4f} sparse_mem_ratio={mem:.4f} sample_tok_s={tok_s:.2f}")
+        return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -121,6 +228,8 @@ def main() -> None:
               flush=True)
     mem_ratio = mem[2] / mem[1]
 
+    speed, sparse_mem, sample_tok_s = sparse_and_sampling(args.sparse_batch, args.sparse_steps)
+
     b1_ok, b1_rss = 0, 0.0
     with torch.device("meta"):
         b1_params = DalleTransformer(dalle_preset("1b3")).num_params()
@@ -150,6 +259,8 @@ def main() -> None:
         shutil.rmtree(args.nvme_path, ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
     print(f"overhead_ratio={overhead:.4f} mfu={mfu:.4f} zero3_mem_ratio={mem_ratio:.4f} "
+          f"sparse_vs_dense={speed:.4f} sparse_mem_ratio={sparse_mem:.4f} "
+          f"sample_tok_s={sample_tok_s:.2f} "
           f"b1_steps_ok={b1_ok} b1_params={b1_params} b1_peak_rss_gib={b1_rss:.2f}")
 
 

