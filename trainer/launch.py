@@ -45,6 +45,7 @@ def build_trainer(cfg: TrainConfig):
         cfg.checkpoint.storage_path,
         endpoint_url=cfg.storage.endpoint_url,
         region=cfg.storage.region,
+        storage=cfg.storage,  # retries, timeouts, part size for checkpoint I/O
     )
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True

@@ -440,7 +440,7 @@ def save(
         with open(os.path.join(local, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
         if weights is not None:
-            save_file(
+            ckpt_io.save_safetensors(  # fixed header order: same weights, same fingerprint
                 weights,
                 os.path.join(local, "model.safetensors"),
                 metadata={"objective": cfg.objective, "step": str(state.step)},

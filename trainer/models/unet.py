@@ -36,7 +36,9 @@ class UnetConfig:
     cross_attention_dim: int = 32  # text state width D: the text encoder's width (SD-2: 1024)
     norm_num_groups: int = 8  # GroupNorm groups; must divide every block width (SD: 32)
 
-    def __post_init__(self):
+    def check(self) -> None:
+        """Raise ValueError naming the first inconsistent field. Not in __post_init__: dotted
+        overrides apply one field at a time, so intermediate states may be inconsistent."""
         levels = len(self.block_out_channels)
         for key in ("attention_levels", "transformer_layers"):
             if len(getattr(self, key)) != levels:
@@ -105,7 +107,9 @@ def unet_preset(name: str, **overrides) -> UnetConfig:
     """A named UnetConfig (`tiny`, `digits`, `sd2base`, `sdxl`) with field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown U-Net preset {name!r} (known: {', '.join(PRESETS)})")
-    return replace(UnetConfig(**PRESETS[name]), **overrides)
+    cfg = replace(UnetConfig(**PRESETS[name]), **overrides)
+    cfg.check()
+    return cfg
 
 
 def diffusers_config(cfg: UnetConfig) -> dict:
@@ -141,6 +145,7 @@ class Unet(torch.nn.Module):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
+        cfg.check()
         self.cfg = cfg
         self.unet = UNet2DConditionModel(**diffusers_config(cfg))
 

@@ -25,6 +25,7 @@ import torch
 
 from data_pipeline import fs
 from data_pipeline import token_dataset as T
+from trainer.checkpoint import save_safetensors
 from trainer.config import TrainConfig
 from trainer.diffusion import (
     compute_caption_drop,
@@ -47,6 +48,7 @@ class LdmObjective:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.u, self.l = cfg, cfg.unet, cfg.ldm
+        cfg.unet.check()  # on the driver too (it builds the objective): fail before Ray Train
         self.ema = ShardedEma(cfg.ldm.ema_decay)
         self.callbacks = (self.ema,)
         self.alphas_cumprod = cfg.ldm.schedule.alphas_cumprod()  # (T,) float32
@@ -232,7 +234,6 @@ class LdmObjective:
 def write_diffusers_unet(folder: str, cfg, weights: dict[str, torch.Tensor]) -> None:
     """`UNet2DConditionModel.from_pretrained(folder)` layout: config.json + safetensors."""
     import diffusers
-    from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__}
@@ -242,14 +243,13 @@ def write_diffusers_unet(folder: str, cfg, weights: dict[str, torch.Tensor]) -> 
         json.dump(config, f, indent=2, sort_keys=True)
     prefix = "unet."
     state = {k[len(prefix):]: v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
-    save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    save_safetensors(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
 def write_diffusers_vae(folder: str, tok) -> None:
     """`AutoencoderKL.from_pretrained(folder)` layout for our KL-AE tokenizer (its scaling
     factor in config.json, as SD's `vae/` carries it)."""
     import diffusers
-    from safetensors.torch import save_file
 
     from trainer.models.klae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS
     from trainer.models.klae import diffusers_config as klae_config
@@ -261,4 +261,4 @@ def write_diffusers_vae(folder: str, tok) -> None:
     with open(os.path.join(folder, DIFFUSERS_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
-    save_file(state, os.path.join(folder, DIFFUSERS_WEIGHTS))
+    save_safetensors(state, os.path.join(folder, DIFFUSERS_WEIGHTS))
