@@ -190,6 +190,10 @@ class FaultSection:
 
     kill_at_step: int = 0  # hard-kill one worker process right after this step; 0: never
     kill_marker: str = ""  # file that records the kill, so only the first attempt dies
+    # Every rank waits right after this step (0: never) until `pause_until_file` exists: a drill
+    # can then lose a node at a known point. The step's checkpoint, if any, is complete by then.
+    pause_at_step: int = 0
+    pause_until_file: str = ""
     nan_loss_at_steps: list[int] = field(
         default_factory=list
     )  # NaN loss at these steps (per listing)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import Counter
 
 import torch
@@ -54,7 +55,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Where each rank runs (tests and operators check the placement strategy from these lines).
-    print(f"[t2i] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
+    print(
+        f"[t2i] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()}", flush=True
+    )
     if not cfg.scaling.use_gpu:  # CPU ranks compute with the cores they reserved, no more
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
@@ -161,6 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
                 )
             kill_hook(cfg, state.step, rank)
+            pause_hook(cfg, state.step)
             if last:
                 break
         else:
@@ -249,6 +253,16 @@ def log_images(objective, engines: dict, batch, logger: MetricsLogger, step: int
         for engine in engines.values():
             engine.train()
     logger.images(images, step)
+
+
+def pause_hook(cfg: TrainConfig, step: int) -> None:
+    """Fault injection (cfg.faults): after `pause_at_step`, wait until `pause_until_file`
+    exists (a drill kills a node meanwhile; the resumed attempt starts after that step)."""
+    f = cfg.faults
+    if f.pause_at_step and step == f.pause_at_step and f.pause_until_file:
+        print(f"[t2i] paused after step {step} until {f.pause_until_file} exists", flush=True)
+        while not os.path.exists(f.pause_until_file):
+            time.sleep(0.2)
 
 
 def kill_hook(cfg: TrainConfig, step: int, rank: int) -> None:
