@@ -277,6 +277,7 @@ def objective_config(objective: str, storage: Path, digits: Path, *extra: str) -
     shards = f"data.path={digits}/train"
     per = {
         "dalle": ("dalle_tiny.yaml", []),
+        "ldm": ("ldm_tiny.yaml", []),
         "clip": (
             "clip_digits.yaml",
             [shards, f"clip.model_config={CONFIGS}/clip_digits_tiny.json", "data.batch_size=8"],
@@ -358,8 +359,17 @@ def run_in_process(cfg: TrainConfig, monkeypatch) -> list[dict]:
     return reports
 
 
+EVERY_OBJECTIVE = ["dalle", "ldm", "clip", "dvae", "vqgan", "klae"]
+
+
+def test_the_guard_covers_every_registered_objective():
+    from trainer.objectives import OBJECTIVES
+
+    assert sorted(EVERY_OBJECTIVE) == sorted(OBJECTIVES)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["dalle", "clip", "dvae", "vqgan", "klae"])
+@pytest.mark.parametrize("objective", EVERY_OBJECTIVE)
 def test_every_objective_steps_saves_and_resumes_on_the_engine_device(
     ray_local, world_of_one, digits, tmp_path, monkeypatch, objective
 ):
