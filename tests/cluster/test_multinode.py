@@ -173,7 +173,7 @@ def train_args(storage: str, job: str, steps: int) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # two trainings + a node loss; minutes when the 2 cores are busy
-def test_spread_training_survives_losing_a_node(cluster, s3_bucket):
+def test_spread_training_survives_losing_a_node(cluster, s3_bucket, tmp_path):
     """2 workers SPREAD over the 2 nodes; the worker node dies mid-run, the driver says what is
     missing, a replacement joins, the run resumes from its last complete S3 checkpoint and ends
     bit-identical to an uninterrupted run. Also: list, status and logs of the jobs."""
@@ -185,7 +185,7 @@ def test_spread_training_survives_losing_a_node(cluster, s3_bucket):
     nodes = dict(re.findall(r"\[t2i\] rank (\d)/2 on node (\w+)", clean.stdout))
     assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], nodes  # spread over 2 nodes
 
-    go = Path(tempfile.mkdtemp(prefix="t2i-mn-go-")) / "go"
+    go = tmp_path / "go"
     pause = ["faults.pause_at_step=5", f"faults.pause_until_file={go}"]  # the node dies there
     r = t2i(cluster, "--no-wait", *train_args(f"s3://{s3_bucket}/faulty", "faulty", steps), *pause)
     assert r.returncode == 0, r.stdout + r.stderr
