@@ -134,7 +134,7 @@ def test_unauthenticated_submission_is_refused(cluster, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def final_weights(storage: str, step: int):
+def final_weights(storage: str, step: int, local: Path):
     from safetensors.torch import load_file
 
     from data_pipeline import fs
@@ -143,7 +143,6 @@ def final_weights(storage: str, step: int):
     run = fs.resolve(storage).join("run")
     steps = dict(ck.list_complete(run))
     assert step in steps, sorted(steps)
-    local = Path(ck.staging_dir("mn"))
     ck.download(steps[step], str(local))
     return load_file(str(local / "model.safetensors"))
 
@@ -216,8 +215,8 @@ def test_spread_training_survives_losing_a_node(cluster, s3_bucket, tmp_path):
     assert re.search(r"^clean\tSUCCEEDED\t", listed, re.M), listed
     assert re.search(r"^faulty\tSUCCEEDED\t", listed, re.M), listed
 
-    a = final_weights(f"s3://{s3_bucket}/clean", steps)
-    b = final_weights(f"s3://{s3_bucket}/faulty", steps)
+    a = final_weights(f"s3://{s3_bucket}/clean", steps, tmp_path / "clean")
+    b = final_weights(f"s3://{s3_bucket}/faulty", steps, tmp_path / "faulty")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
