@@ -13,21 +13,18 @@ which can flip a draw that lies on a probability boundary; fp32 on CPU is exact 
 
 from __future__ import annotations
 
-import tempfile
-
 import numpy as np
 import torch
 
-from data_pipeline import fs
-from trainer.config import StorageConfig, load_config
+from trainer.config import StorageConfig
 from trainer.engine import DTYPES, resolve_precision
 from trainer.sampling.common import (
     Candidates,
     Chunk,
     candidate_seed,
     check_same_tokenizer,
-    download_local,
     generate_all,
+    load_exported,
     to_uint8,
 )
 from trainer.sampling.config import SampleConfig
@@ -120,23 +117,9 @@ def sample_codes(
 
 def load_dalle(path: str, storage: StorageConfig, device: str = "cpu"):
     """(DalleTransformer in eval mode, its TrainConfig) from a run or exported checkpoint dir."""
-    from safetensors.torch import load_file
-
-    from trainer.checkpoint import find_exported
-    from trainer.config import TrainConfig
     from trainer.models.dalle import DalleTransformer
-    from trainer.models.image_tokenizer import CONFIG, WEIGHTS
 
-    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
-    src = find_exported(loc, weights=WEIGHTS, config=CONFIG, what="DALL-E model")
-    with tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
-        train_cfg = load_config(TrainConfig, download_local(src.join(CONFIG), tmp), require=False)
-        if train_cfg.objective != "dalle":
-            raise ValueError(
-                f"{src.join(CONFIG).uri}: objective is {train_cfg.objective!r}; "
-                "recipe 'ar' needs a DALL-E run (objective: dalle)"
-            )
-        state = load_file(download_local(src.join(WEIGHTS), tmp))
+    _, train_cfg, state = load_exported(path, storage, "dalle", "DALL-E model")
     model = DalleTransformer(train_cfg.dalle)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), train_cfg

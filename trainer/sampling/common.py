@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,29 @@ def clip_spec(cfg: RerankClipSection, storage: StorageConfig, tmp: str, threads:
         checkpoint = download_local(loc, tmp)
     model_config = load_model_config_file(cfg.model_config) if cfg.model_config else None
     return ClipSpec(cfg.model, model_config, checkpoint, cfg.batch_size, threads)
+
+
+def load_exported(path: str, storage: StorageConfig, objective: str, what: str):
+    """(checkpoint Location, its TrainConfig, its model.safetensors state) of the newest complete
+    checkpoint with exported weights under a run dir (or that checkpoint dir), which must have
+    been trained with `objective`."""
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import find_exported
+    from trainer.config import TrainConfig, load_config
+    from trainer.models.image_tokenizer import CONFIG, WEIGHTS
+
+    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
+    src = find_exported(loc, weights=WEIGHTS, config=CONFIG, what=what)
+    with tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
+        train_cfg = load_config(TrainConfig, download_local(src.join(CONFIG), tmp), require=False)
+        if train_cfg.objective != objective:
+            raise ValueError(
+                f"{src.join(CONFIG).uri}: objective is {train_cfg.objective!r}; this recipe needs "
+                f"a {what} run (objective: {objective})"
+            )
+        state = load_file(download_local(src.join(WEIGHTS), tmp))
+    return src, train_cfg, state
 
 
 @dataclass

@@ -19,7 +19,6 @@ the U-Net is the run's exported EMA weights, the dataset's KL-AE decodes.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from typing import Literal
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from data_pipeline import fs
-from trainer.config import StorageConfig, TrainConfig, load_config
+from trainer.config import StorageConfig
 from trainer.diffusion import compute_guided
 from trainer.engine import DTYPES, resolve_precision
 from trainer.sampling.common import (
@@ -35,8 +34,8 @@ from trainer.sampling.common import (
     Chunk,
     candidate_seed,
     check_same_tokenizer,
-    download_local,
     generate_all,
+    load_exported,
     to_uint8,
 )
 from trainer.sampling.config import SampleConfig
@@ -108,23 +107,12 @@ def load_ldm(path: str, storage: StorageConfig, device: str = "cpu"):
     """(Unet with the exported EMA weights, in eval mode; its TrainConfig; the empty-caption
     states {text_embedding (L, D), text_mask (L,)}) from a run or exported checkpoint dir."""
     from safetensors.numpy import load
-    from safetensors.torch import load_file
 
     from data_pipeline import token_dataset as T
-    from trainer.checkpoint import find_exported
-    from trainer.models.image_tokenizer import CONFIG, WEIGHTS, load_strict
+    from trainer.models.image_tokenizer import WEIGHTS, load_strict
     from trainer.models.unet import Unet
 
-    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
-    src = find_exported(loc, weights=WEIGHTS, config=CONFIG, what="latent-diffusion model")
-    with tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
-        train_cfg = load_config(TrainConfig, download_local(src.join(CONFIG), tmp), require=False)
-        if train_cfg.objective != "ldm":
-            raise ValueError(
-                f"{src.join(CONFIG).uri}: objective is {train_cfg.objective!r}; "
-                "recipe 'ldm' needs a latent-diffusion run (objective: ldm)"
-            )
-        state = load_file(download_local(src.join(WEIGHTS), tmp))
+    src, train_cfg, state = load_exported(path, storage, "ldm", "latent-diffusion model")
     model = Unet(train_cfg.unet)
     load_strict(model, state, what=src.join(WEIGHTS).uri, layout="Unet")
     uncond = load(fs.read_bytes(src.join(T.EMPTY_CAPTION_FILE)))
