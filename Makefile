@@ -18,6 +18,10 @@ setup: $(STAMP)
 
 # Re-installs only when pyproject.toml changes; a present .venv makes this a no-op.
 $(STAMP): pyproject.toml
+	@# libaio-dev: DeepSpeed's async-IO op (ZeRO-Infinity optimizer offload to disk); root installs it.
+	@dpkg -s libaio-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null; } || \
+		echo "setup: warning: libaio-dev missing (needed only for engine.offload_optimizer=nvme)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)

@@ -142,3 +142,31 @@ def test_eval_on_a_synthetic_sample_run(digits, judge_cache, tmp_path, capsys):
     assert doc["classifier"]["val_accuracy"] >= 0.9
     table = format_table(doc)
     assert "held-out" in table and table.count("\n") >= 13
+
+
+def test_eval_scores_a_latent_diffusion_sample_run(digits, judge_cache, tmp_path, one_thread):
+    """`t2i eval` on `t2i sample recipe=ldm` output (a tiny random setup: the accuracy itself is
+    chance, the point is that the whole path runs and records the recipe)."""
+    from tests.trainer.sample_fixtures import make_ldm_inputs
+    from trainer.sampling.config import SampleConfig
+    from trainer.sampling.run import run_sample
+
+    inputs = make_ldm_inputs(tmp_path / "inputs")
+    prompts = [caption_for(d, TRAIN_TEMPLATES[0]) for d in range(10)]
+    prompts += [caption_for(d, HELDOUT_TEMPLATES[0]) for d in range(10)]
+    sample_cfg = load_config(SampleConfig, None, [
+        *[f"{k}={v}" for k, v in inputs.items()], f"output={tmp_path / 'samples'}",
+        f"sample.prompts={json.dumps(prompts)}", "sample.candidates=2", "sample.keep=2",
+        "sample.steps=2", "precision=fp32", "num_cpus=1", "clip.enabled=false",
+    ])  # fmt: skip
+    run_sample(sample_cfg, log=lambda *_: None)
+    cfg = load_config(EvalConfig, None, [
+        f"samples={tmp_path / 'samples'}", f"digits={digits}", f"classifier.cache={judge_cache}",
+        f"image_tokenizer={inputs['image_tokenizer']}", "psnr_images=16",
+    ])  # fmt: skip
+    doc = run_eval(cfg, log=lambda *_: None)
+    assert doc["recipes"] == ["ldm"] and doc["images"] == 40 and doc["prompts"] == 20
+    acc = doc["accuracy"]
+    assert acc["labelled"] == 40 and 0.0 <= acc["overall"] <= 1.0
+    assert acc["by_template"]["train"] is not None and acc["by_template"]["heldout"] is not None
+    assert doc["tokenizer"]["kind"] == "klae" and doc["clip_score"]["mean"] is None
