@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -12,6 +13,7 @@ from data_pipeline import fs
 from trainer.config import ScalingSection, TrainConfig
 from trainer.loop import train_loop_per_worker
 from trainer.objectives import build_objective
+from trainer.progress import Progress
 
 
 def absolutize(cfg: TrainConfig) -> TrainConfig:
@@ -160,12 +162,55 @@ class CapacityWatch(threading.Thread):
             )
 
 
+class TrainProgress(threading.Thread):
+    """Driver side, beside `fit`: a progress line (steps, ETA, loss, throughput) from the rows
+    rank 0 appends to `<storage>/<name>/tensorboard/metrics.jsonl` at each log step (with s3://
+    storage the file is uploaded at checkpoints, so the line moves then)."""
+
+    def __init__(self, cfg: TrainConfig, poll_s: float = 5.0, out=None):
+        super().__init__(name="t2i-train-progress", daemon=True)
+        self.loc = fs.resolve(cfg.checkpoint.storage_path, endpoint_url=cfg.storage.endpoint_url,
+                              region=cfg.storage.region).join(cfg.name, "tensorboard",
+                                                              "metrics.jsonl")  # fmt: skip
+        self.poll_s, self.stopped = poll_s, threading.Event()
+        self.progress = Progress(f"train {cfg.name}", cfg.steps, "steps", every_s=30.0, out=out)
+        # A resumed run starts where its log ends.
+        self.progress.done = self.progress.start = int(self.last_row().get("step", 0))
+
+    def last_row(self) -> dict:
+        """The newest complete row of metrics.jsonl ({} before the first log step)."""
+        if not fs.exists(self.loc):
+            return {}
+        for line in reversed(fs.read_bytes(self.loc).decode("utf-8").splitlines()):
+            try:
+                return json.loads(line)
+            except ValueError:  # the line being written: the next poll reads it whole
+                continue
+        return {}
+
+    def poll(self) -> None:
+        try:
+            row = self.last_row()
+        except OSError:  # storage briefly unreachable: try again at the next poll
+            return
+        step = int(row.get("step", 0))
+        if step > self.progress.done:
+            fields = {k: f"{row[k]:.4g}" for k in ("loss", "samples_per_s") if k in row}
+            self.progress.update(step - self.progress.done, **fields)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.poll_s):
+            self.poll()
+
+
 def fit(cfg: TrainConfig):
     """Run training to `cfg.steps`; returns Ray's Result (metrics of the last report).
-    Never waits silently for capacity: see `CapacityWatch`."""
+    Never waits silently for capacity (`CapacityWatch`); shows progress (`TrainProgress`)."""
     watch = CapacityWatch(cfg.scaling)
     trainer = build_trainer(cfg)
+    progress = TrainProgress(cfg)
     watch.start()
+    progress.start()
     try:
         return trainer.fit()
     except KeyboardInterrupt:
@@ -174,3 +219,4 @@ def fit(cfg: TrainConfig):
         raise
     finally:
         watch.stopped.set()
+        progress.stopped.set()

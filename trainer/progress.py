@@ -16,7 +16,7 @@ class Progress:
         self.out = out or sys.stdout
         self.tty = bool(getattr(self.out, "isatty", lambda: False)())
         self.t0 = self.last = time.monotonic()
-        self.done = 0
+        self.done = self.start = 0  # start: work done before this process (a resumed run)
 
     def update(self, n: int = 1, **fields) -> None:
         self.done += n
@@ -26,7 +26,7 @@ class Progress:
             return
         self.last = now
         elapsed = max(now - self.t0, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.start) / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         extra = "".join(f" {k}={v}" for k, v in fields.items())
         line = (f"{self.desc}: {self.done}/{self.total} {self.unit} "

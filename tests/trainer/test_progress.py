@@ -31,3 +31,25 @@ def test_terminal_output_redraws_one_line():
     text = out.getvalue()
     assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
     assert "train: 2/3 steps" in text
+
+
+def test_train_progress_follows_the_runs_metrics_log(tmp_path):
+    import json
+
+    from trainer.config import TrainConfig, load_config
+    from trainer.launch import TrainProgress
+
+    cfg = load_config(TrainConfig, None, ["name=run", f"checkpoint.storage_path={tmp_path}",
+                                          "steps=10"])  # fmt: skip
+    log = tmp_path / "run" / "tensorboard" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"step": 2, "loss": 3.0}) + "\n")  # a previous attempt's rows
+    out = io.StringIO()
+    watch = TrainProgress(cfg, out=out)
+    assert watch.progress.done == watch.progress.start == 2
+    with log.open("a") as f:
+        f.write(json.dumps({"step": 10, "loss": 1.25, "samples_per_s": 64.0}) + "\n")
+        f.write('{"step": 11, "lo')  # a row still being written is skipped, not an error
+    watch.poll()
+    line = out.getvalue().strip()
+    assert line.startswith("train run: 10/10 steps [") and line.endswith("loss=1.25 samples_per_s=64")
