@@ -175,7 +175,11 @@ class TrainProgress(threading.Thread):
         self.poll_s, self.stopped = poll_s, threading.Event()
         self.progress = Progress(f"train {cfg.name}", cfg.steps, "steps", every_s=30.0, out=out)
         # A resumed run starts where its log ends.
-        self.progress.done = self.progress.start = int(self.last_row().get("step", 0))
+        try:
+            done = int(self.last_row().get("step", 0))
+        except OSError:  # storage not reachable yet: the polls will catch up
+            done = 0
+        self.progress.done = self.progress.start = done
 
     def last_row(self) -> dict:
         """The newest complete row of metrics.jsonl ({} before the first log step)."""
