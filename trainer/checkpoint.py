@@ -34,6 +34,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -177,8 +178,11 @@ def check_weights_only(path: str, name: str) -> None:
             f"{name}: refusing to load: it needs more than tensors and the allowed DeepSpeed "
             f"types (would run code if unpickled): {reason[0] if reason else type(e).__name__}"
         ) from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{name}: not a readable torch file: {e}") from None
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, AttributeError,
+            struct.error) as e:
+        # A damaged file can fail inside the unpickler in many ways: all mean "unreadable", which
+        # resume treats like any other bad checkpoint (it skips it), never as a crash.
+        raise ValueError(f"{name}: not a readable torch file: {type(e).__name__}: {e}") from None
 
 
 def download(ckpt: fs.Location, local_root: str, *, rank: int | None = None) -> dict:

@@ -272,3 +272,20 @@ def test_safetensors_bytes_are_deterministic(tmp_path):
     assert back.keys() == weights.keys()
     assert all(torch.equal(back[k], weights[k]) and back[k].dtype == weights[k].dtype for k in back)
     assert load(ck.safetensors_bytes(weights)).keys() == weights.keys()  # no metadata
+
+
+def test_a_damaged_torch_file_is_unreadable_not_a_crash(tmp_path):
+    """Truncated or garbled DeepSpeed state raises ValueError (resume skips such a checkpoint)."""
+    import io
+
+    import torch
+
+    from trainer.checkpoint import check_weights_only
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buf)
+    for i, data in enumerate([buf.getvalue()[:40], b"\x80\x02}q\x00(X", bytes(range(256)) * 4]):
+        path = tmp_path / f"bad{i}.pt"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"bad{i}.pt"):
+            check_weights_only(str(path), str(path))
