@@ -169,17 +169,26 @@ class TrainProgress(threading.Thread):
 
     def __init__(self, cfg: TrainConfig, poll_s: float = 5.0, out=None):
         super().__init__(name="t2i-train-progress", daemon=True)
-        self.loc = fs.resolve(cfg.checkpoint.storage_path, endpoint_url=cfg.storage.endpoint_url,
-                              region=cfg.storage.region).join(cfg.name, "tensorboard",
-                                                              "metrics.jsonl")  # fmt: skip
+        self.cfg, self.loc = cfg, None
         self.poll_s, self.stopped = poll_s, threading.Event()
         self.progress = Progress(f"train {cfg.name}", cfg.steps, "steps", every_s=30.0, out=out)
-        # A resumed run starts where its log ends.
+
+    def begin(self) -> None:
+        """A resumed run starts where its log ends (read in the thread: `fit` never waits)."""
+        self.progress.done = self.progress.start = int(self.read_last_row().get("step", 0))
+
+    def read_last_row(self) -> dict:
+        """`last_row()`, or {} when storage cannot be read now. The progress line is a display:
+        it must never fail a training run, so any storage error only skips this poll."""
         try:
-            done = int(self.last_row().get("step", 0))
-        except OSError:  # storage not reachable yet: the polls will catch up
-            done = 0
-        self.progress.done = self.progress.start = done
+            if self.loc is None:
+                c = self.cfg
+                base = fs.resolve(c.checkpoint.storage_path, endpoint_url=c.storage.endpoint_url,
+                                  region=c.storage.region)  # fmt: skip
+                self.loc = base.join(c.name, "tensorboard", "metrics.jsonl")
+            return self.last_row()
+        except Exception:  # noqa: BLE001 - see the docstring
+            return {}
 
     def last_row(self) -> dict:
         """The newest complete row of metrics.jsonl ({} before the first log step)."""
@@ -193,16 +202,14 @@ class TrainProgress(threading.Thread):
         return {}
 
     def poll(self) -> None:
-        try:
-            row = self.last_row()
-        except OSError:  # storage briefly unreachable: try again at the next poll
-            return
+        row = self.read_last_row()
         step = int(row.get("step", 0))
         if step > self.progress.done:
             fields = {k: f"{row[k]:.4g}" for k in ("loss", "samples_per_s") if k in row}
             self.progress.update(step - self.progress.done, **fields)
 
     def run(self) -> None:
+        self.begin()
         while not self.stopped.wait(self.poll_s):
             self.poll()
 

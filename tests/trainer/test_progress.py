@@ -46,6 +46,7 @@ def test_train_progress_follows_the_runs_metrics_log(tmp_path):
     log.write_text(json.dumps({"step": 2, "loss": 3.0}) + "\n")  # a previous attempt's rows
     out = io.StringIO()
     watch = TrainProgress(cfg, out=out)
+    watch.begin()
     assert watch.progress.done == watch.progress.start == 2
     with log.open("a") as f:
         f.write(json.dumps({"step": 10, "loss": 1.25, "samples_per_s": 64.0}) + "\n")
@@ -53,3 +54,16 @@ def test_train_progress_follows_the_runs_metrics_log(tmp_path):
     watch.poll()
     line = out.getvalue().strip()
     assert line.startswith("train run: 10/10 steps [") and line.endswith("loss=1.25 samples_per_s=64")
+
+
+def test_train_progress_never_fails_the_run_on_unreadable_storage(tmp_path):
+    from trainer.config import TrainConfig, load_config
+    from trainer.launch import TrainProgress
+
+    cfg = load_config(TrainConfig, None, ["name=run", "steps=10",
+                                          f"checkpoint.storage_path={tmp_path}/file"])  # fmt: skip
+    (tmp_path / "file").write_text("a file where the run directory should be")
+    watch = TrainProgress(cfg, out=io.StringIO())
+    watch.begin()
+    watch.poll()  # reading <file>/run/tensorboard/metrics.jsonl fails: no error, no progress
+    assert watch.progress.done == 0
