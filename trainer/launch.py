@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import _thread
+import ctypes
 import dataclasses
 import json
 import os
@@ -106,6 +106,16 @@ def missing_resources(need: dict[str, float], total: dict[str, float]) -> dict[s
     return {k: v - total.get(k, 0.0) for k, v in need.items() if total.get(k, 0.0) < v}
 
 
+def interrupt_main_thread() -> None:
+    """Raise KeyboardInterrupt in the main thread (where `fit` waits). Not `_thread.interrupt_main`:
+    that delivers SIGINT, which does nothing once a library has set SIGINT to SIG_IGN/SIG_DFL
+    (seen in the test suite); an asynchronous exception arrives at the main thread's next
+    bytecode whatever the signal handlers are."""
+    ident = threading.main_thread().ident
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                               ctypes.py_object(KeyboardInterrupt))  # fmt: skip
+
+
 class CapacityWatch(threading.Thread):
     """Driver side, beside `fit`: polls the alive nodes' resources. When they stay short of
     `capacity_need` for `capacity_wait_s` (a node died, none replaced it yet), it prints what
@@ -153,7 +163,7 @@ class CapacityWatch(threading.Thread):
                     "; stopping (scaling.on_capacity_shortage=fail)"
                 )
                 print(self.failure, flush=True)
-                _thread.interrupt_main()
+                interrupt_main_thread()
                 return
             print(
                 self.describe(missing, waited)
