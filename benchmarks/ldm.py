@@ -3,12 +3,18 @@
     .venv/bin/python -m benchmarks.ldm                 # ~10 min on 2 cores (sd2base dominates)
     .venv/bin/python -m benchmarks.ldm --skip-sd2base  # the ratio only, ~2 min
 
-1. ratio: latents/s of our engine (Ray Train + DeepSpeed ZeRO-2, 1 worker owning all cores) over
+1. ratio: latents/s of our engine (Ray Train + DeepSpeed, 1 worker owning all cores; ZeRO-0 by
+   default: one worker has nothing to partition, and ZeRO-2's flat-buffer copies cost it ~15%,
+   `--zero-stage 2` measures that) over
    a bare single-process diffusers loop — `UNet2DConditionModel`, torch AdamW on fp32 weights,
    the loop a user of diffusers' `train_text_to_image.py` writes — on the same U-Net (the
    `digits` preset), batch, data and objective (ε-prediction MSE on closed-form-noised latents),
    in `--precision`: fp32 for both, or bf16 (bare: autocast, which keeps GroupNorm in fp32;
-   engine: DeepSpeed bf16, everything in bf16). Goal >= 0.9.
+   engine: DeepSpeed bf16, everything in bf16). Goal >= 0.9. This machine's speed drifts by up
+   to 30% within a minute (shared cores), so both sides are timed in windows of `--steps`
+   steps — the bare loop before and after the engine run, the engine in its log windows after
+   the start-up one — and each side's figure is its median window. Ray's own defaults
+   (health-check interval, worker niceness) are left as a user gets them.
 2. sd2base: the Stable-Diffusion-2-base U-Net (865.9M parameters) on 2 workers, ZeRO-3 with the
    optimizer state offloaded to disk (ZeRO-Infinity, as the 1.3B DALL-E needs here), batch 1 of
    4x32x32 latents: optimizer steps taken?, peak RSS of both workers, seconds per step.
@@ -24,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -48,14 +55,19 @@ def engine_cfg(name: str, storage: str, *overrides: str) -> TrainConfig:
     ])  # fmt: skip
 
 
-def last_metrics(storage: str, name: str) -> dict:
-    """The last row a run logged to its metrics.jsonl."""
+def read_metrics(storage: str, name: str) -> list[dict]:
+    """The rows a run logged to its metrics.jsonl (no checkpoint is written: read the log)."""
     with open(os.path.join(storage, name, "tensorboard", "metrics.jsonl")) as f:
-        return json.loads(f.readlines()[-1])
+        return [json.loads(line) for line in f]
 
 
-def bare_loop_latents_per_s(steps: int, warmup: int, precision: str) -> float:
-    """A plain diffusers training loop on the `digits` U-Net: same objective, no Ray/DeepSpeed."""
+def _fmt(rates: list[float]) -> str:
+    return "[" + ", ".join(f"{r:.0f}" for r in rates) + "] latents/s"
+
+
+def bare_loop(precision: str):
+    """A plain diffusers training loop on the `digits` U-Net: same objective, no Ray/DeepSpeed.
+    Returns `window(steps) -> latents/s` over that many steps of the same loop."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -71,10 +83,8 @@ def bare_loop_latents_per_s(steps: int, warmup: int, precision: str) -> float:
         if precision == "bf16"
         else contextlib.nullcontext()
     )
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+
+    def step() -> None:
         t = torch.randint(0, len(ab), (BATCH,))
         eps = torch.randn_like(z0)
         with autocast:
@@ -85,43 +95,60 @@ def bare_loop_latents_per_s(steps: int, warmup: int, precision: str) -> float:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return steps * BATCH / (time.perf_counter() - t0)
+
+    def window(steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * BATCH / (time.perf_counter() - t0)
+
+    return window
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per throughput run")
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    ap.add_argument("--windows", type=int, default=3, help="timed windows per side (bare: x2)")
     ap.add_argument("--skip-sd2base", action="store_true", help="skip the 866M ZeRO-3 run")
     ap.add_argument("--sd2base-steps", type=int, default=2)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="both loops: bf16 (bare: autocast, engine: DeepSpeed bf16) or fp32")
+    ap.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
+                    help="the 1-worker engine's ZeRO stage (one worker has nothing to partition)")
     ap.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "t2i-nvme-ldm"))
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     storage = tempfile.mkdtemp(prefix="t2i-bench-ldm-")
     cores = os.cpu_count() or 2
     torch.set_num_threads(cores)
 
     precision = resolve_precision(args.precision)
-    bare = bare_loop_latents_per_s(args.steps, warmup=3, precision=precision)
-    print(f"bare diffusers loop (digits U-Net, {precision}, batch {BATCH}): {bare:.1f} latents/s",
-          flush=True)  # fmt: skip
+    # This machine's speed drifts (shared cores): the bare loop runs windows of `steps` steps
+    # before and after the engine, the engine logs the same windows, and each side's median
+    # window is its figure.
+    bare_window = bare_loop(precision)
+    bare_window(3)  # warm-up
+    bare_rates = [bare_window(args.steps) for _ in range(args.windows)]
 
     init_ray(RayConfig(num_cpus=cores + 2, dashboard=False), runtime_env={"env_vars": worker_env()})
-    # Two log windows of `steps` steps: the second one is steady state (no start-up inside).
+    # One log window of start-up, then `windows` steady-state windows of `steps` steps.
     res = fit(engine_cfg("ratio", storage, "unet.preset=digits", "scaling.num_workers=1",
-                         f"scaling.cpus_per_worker={cores}", "engine.zero_stage=2",
+                         f"scaling.cpus_per_worker={cores}", f"engine.zero_stage={args.zero_stage}",
                          f"engine.precision={precision}",
-                         f"data.batch_size={BATCH}", f"steps={2 * args.steps}",
+                         f"data.batch_size={BATCH}", f"steps={(args.windows + 1) * args.steps}",
                          f"log_every={args.steps}", f"data.synthetic_samples={BATCH * 64}",
                          "data.cache=true"))  # fmt: skip
     if res.error:
         raise res.error
-    engine = last_metrics(storage, "ratio")["samples_per_s"]  # no checkpoint: read the log
+    engine_rates = [r["samples_per_s"] for r in read_metrics(storage, "ratio")[1:]]
+    bare_rates += [bare_window(args.steps) for _ in range(args.windows)]
+    bare, engine = statistics.median(bare_rates), statistics.median(engine_rates)
     ratio = engine / bare
-    print(f"Ray Train + DeepSpeed (1 worker, ZeRO-2, {precision}): {engine:.1f} latents/s; "
+    print(f"bare diffusers loop (digits U-Net, {precision}, batch {BATCH}): {bare:.1f} latents/s "
+          f"(median of {_fmt(bare_rates)})", flush=True)
+    print(f"engine windows: {_fmt(engine_rates)}", flush=True)
+    print(f"Ray Train + DeepSpeed (1 worker, ZeRO-{args.zero_stage}, {precision}): {engine:.1f} latents/s; "
           f"ratio vs bare = {ratio:.3f}", flush=True)
 
     with torch.device("meta"):
@@ -139,8 +166,7 @@ def main() -> None:
                                "data.synthetic_samples=16"))  # fmt: skip
             if r.error:
                 raise r.error
-            with open(os.path.join(storage, "sd2base", "tensorboard", "metrics.jsonl")) as f:
-                rows = [json.loads(line) for line in f]
+            rows = read_metrics(storage, "sd2base")
             m = rows[-1]  # (no final checkpoint: ~10 GB of optimizer state for nothing)
             ok = int(m["step"] == args.sd2base_steps and m["skipped_steps"] == 0)
             rss = max(row["peak_rss_gib_total"] for row in rows)

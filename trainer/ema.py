@@ -32,9 +32,12 @@ def compute_ema_decay(updates: int, decay: float) -> float:
 
 def compute_ema(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float):
     """In place: ema <- decay * ema + (1 - decay) * weights (float32), for every key of `ema`."""
-    with torch.no_grad():
-        for name, avg in ema.items():
-            avg.lerp_(weights[name].detach().float(), 1.0 - decay)
+    if not ema:
+        return
+    with torch.no_grad():  # one fused call over all tensors, not a Python loop per parameter
+        torch._foreach_lerp_(
+            list(ema.values()), [weights[n].detach().float() for n in ema], 1.0 - decay
+        )
 
 
 def deal_params(sizes: list[int], world: int) -> list[int]:

@@ -148,7 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt_step = (last and cfg.checkpoint.at_end) or bool(every and state.step % every == 0)
             metrics = logger.step(engines, state, force=ckpt_step or last)
             if metrics is not None:
-                log_images(objective, engines, batch, logger, state.step)
+                with logger.apart():  # observability, not training: out of the throughput
+                    log_images(objective, engines, batch, logger, state.step)
             checkpoint = None
             if ckpt_step:  # timed: its seconds go to the dashboard, not into the throughput
                 with logger.checkpointing(state.step):

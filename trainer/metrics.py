@@ -87,7 +87,7 @@ class MetricsLogger:
         self.micro = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
-        self.paused = 0.0  # checkpoint seconds inside the current interval (not training time)
+        self.paused = 0.0  # checkpoint and image-logging seconds in the interval (not training)
         self.steps = 0  # optimizer steps in the current interval
         self.checkpoint_s = float("nan")  # wall seconds of the last checkpoint
         self.writer = None
@@ -169,6 +169,15 @@ class MetricsLogger:
         self.sums, self.micro, self.tokens, self.t0 = {}, 0, 0, time.perf_counter()
         self.paused, self.steps = 0.0, 0
         return out
+
+    @contextlib.contextmanager
+    def apart(self):
+        """Time a block (image logging) out of the interval's training throughput."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
 
     @contextlib.contextmanager
     def checkpointing(self, step: int):

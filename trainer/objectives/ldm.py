@@ -176,6 +176,8 @@ class LdmObjective:
         """Log steps: DDIM samples (with guidance) for the batch's first captions, decoded by the
         dataset's KL-AE. Every rank runs the U-Net (a ZeRO-3 forward is a collective)."""
         tok = self.autoencoder()
+        if tok is None:  # nothing to decode with (synthetic latents): no sampling either
+            return {}
         n = min(GRID_PROMPTS, batch[T.LATENT].shape[0])
         text = batch[T.TEXT_EMBEDDING][:n].float()
         uncond = self.empty_caption(text.device)
@@ -192,8 +194,6 @@ class LdmObjective:
             generator=torch.Generator().manual_seed(self.cfg.seed),
             dtype=next(engine.module.parameters()).dtype,
         )
-        if tok is None:
-            return {}
         real = tok.decode(batch[T.LATENT][:n].float().cpu())
         return {"samples": image_grid([real, tok.decode(z.cpu())])}
 
