@@ -61,7 +61,8 @@ def tiny_overrides(objective: str, digits: str) -> tuple[str, list[str]]:
 
 
 def run_config(objective: str, zero: int, storage: str, digits: str, workers: int, steps: int):
-    from trainer.config import TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from trainer.config import TrainConfig
 
     name, overrides = tiny_overrides(objective, digits)
     return load_config(
@@ -110,7 +111,7 @@ def smoke_objective(objective, zero, storage, digits, workers) -> dict:
 
 def sample_dalle(run_dir: str) -> int:
     """A few image tokens from the exported DALL-E on the GPU; returns how many."""
-    from trainer.config import StorageConfig
+    from data_pipeline.config import StorageConfig
     from trainer.sampling.ar import load_dalle, sample_codes
 
     model, cfg = load_dalle(run_dir, StorageConfig(), device="cuda")
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda")
     import ray
 
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig
+    from data_pipeline.digits import DigitsConfig, build_digits
     from trainer.engine import objective_parts
     from trainer.objectives import OBJECTIVES, build_objective
 

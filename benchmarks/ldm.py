@@ -36,8 +36,9 @@ import time
 
 import torch
 
+from data_pipeline.config import RayConfig, load_config
 from jobs.common import init_ray
-from trainer.config import RayConfig, TrainConfig, load_config
+from trainer.config import TrainConfig
 from trainer.diffusion import NoiseSchedule, compute_noisy
 from trainer.engine import resolve_precision
 from trainer.launch import fit, worker_env
@@ -111,10 +112,19 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=3, help="timed windows per side (bare: x2)")
     ap.add_argument("--skip-sd2base", action="store_true", help="skip the 866M ZeRO-3 run")
     ap.add_argument("--sd2base-steps", type=int, default=2)
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="both loops: bf16 (bare: autocast, engine: DeepSpeed bf16) or fp32")
-    ap.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
-                    help="the 1-worker engine's ZeRO stage (one worker has nothing to partition)")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="both loops: bf16 (bare: autocast, engine: DeepSpeed bf16) or fp32",
+    )
+    ap.add_argument(
+        "--zero-stage",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="the 1-worker engine's ZeRO stage (one worker has nothing to partition)",
+    )
     ap.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "t2i-nvme-ldm"))
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -145,11 +155,17 @@ def main() -> None:
     bare_rates += [bare_window(args.steps) for _ in range(args.windows)]
     bare, engine = statistics.median(bare_rates), statistics.median(engine_rates)
     ratio = engine / bare
-    print(f"bare diffusers loop (digits U-Net, {precision}, batch {BATCH}): {bare:.1f} latents/s "
-          f"(median of {_fmt(bare_rates)})", flush=True)
+    print(
+        f"bare diffusers loop (digits U-Net, {precision}, batch {BATCH}): {bare:.1f} latents/s "
+        f"(median of {_fmt(bare_rates)})",
+        flush=True,
+    )
     print(f"engine windows: {_fmt(engine_rates)}", flush=True)
-    print(f"Ray Train + DeepSpeed (1 worker, ZeRO-{args.zero_stage}, {precision}): {engine:.1f} latents/s; "
-          f"ratio vs bare = {ratio:.3f}", flush=True)
+    print(
+        f"Ray Train + DeepSpeed (1 worker, ZeRO-{args.zero_stage}, {precision}): {engine:.1f} latents/s; "
+        f"ratio vs bare = {ratio:.3f}",
+        flush=True,
+    )
 
     with torch.device("meta"):
         params = sum(p.numel() for p in Unet(unet_preset("sd2base")).parameters())
@@ -170,15 +186,20 @@ def main() -> None:
             m = rows[-1]  # (no final checkpoint: ~10 GB of optimizer state for nothing)
             ok = int(m["step"] == args.sd2base_steps and m["skipped_steps"] == 0)
             rss = max(row["peak_rss_gib_total"] for row in rows)
-            print(f"sd2base ({params / 1e6:.1f}M params) on 2 workers, ZeRO-3 + NVMe optimizer "
-                  f"offload: steps ok={ok}, peak RSS {rss:.1f} GiB (both workers), last step "
-                  f"{m['step_time_s']:.1f} s, total {time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"sd2base ({params / 1e6:.1f}M params) on 2 workers, ZeRO-3 + NVMe optimizer "
+                f"offload: steps ok={ok}, peak RSS {rss:.1f} GiB (both workers), last step "
+                f"{m['step_time_s']:.1f} s, total {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
         except Exception as e:  # report, don't hide: the figure is 0 with the reason printed
             print(f"sd2base run failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
         shutil.rmtree(args.nvme_path, ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
-    print(f"ldm_ratio_vs_bare={ratio:.4f} sd2base_steps_ok={ok} sd2base_params={params} "
-          f"sd2base_peak_rss_gib={rss:.2f}")
+    print(
+        f"ldm_ratio_vs_bare={ratio:.4f} sd2base_steps_ok={ok} sd2base_params={params} "
+        f"sd2base_peak_rss_gib={rss:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_inputs(root: Path, images: int) -> list[str]:
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig
+    from data_pipeline.digits import DigitsConfig, build_digits
 
     cfg = DigitsConfig(out=str(root / "digits"), photos=0, samples_per_shard=128,
                        mismatch_fraction=0.1)  # fmt: skip
@@ -39,8 +38,9 @@ def build_inputs(root: Path, images: int) -> list[str]:
 
 
 def run_plan(shards, out, model, batch_size, threads) -> tuple[float, int]:
+    from data_pipeline.config import load_config
     from data_pipeline.preprocess import run_preprocess
-    from trainer.config import PreprocessConfig, load_config
+    from data_pipeline.preprocess_config import PreprocessConfig
 
     cfg = load_config(
         PreprocessConfig,

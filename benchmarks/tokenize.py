@@ -33,9 +33,8 @@ PER_SHARD = 128
 def build_inputs(root: Path, images: int) -> list[str]:
     """Digits train shards, repeated (under new keys) until there are `images` samples."""
     from data_pipeline import fs
-    from data_pipeline.digits import build_digits
+    from data_pipeline.digits import DigitsConfig, build_digits
     from data_pipeline.shards import iter_tar_samples, write_shards
-    from trainer.config import DigitsConfig
 
     build_digits(DigitsConfig(out=str(root / "digits"), photos=0, samples_per_shard=PER_SHARD),
                  log=lambda *_: None)  # fmt: skip
@@ -51,7 +50,8 @@ def build_tokenizer(root: Path, n_hid: int) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from trainer.config import TrainConfig, to_yaml
+    from data_pipeline.config import to_yaml
+    from trainer.config import TrainConfig
     from trainer.models.dvae import DvaeConfig, DvaeTokenizer
 
     torch.manual_seed(0)
@@ -64,9 +64,9 @@ def build_tokenizer(root: Path, n_hid: int) -> str:
 
 
 def run_plan(shards, out, tokenizer, batch_size, threads) -> tuple[float, int]:
+    from data_pipeline.config import load_config
     from data_pipeline.tokenize import run_tokenize
     from data_pipeline.tokenize_config import TokenizeConfig
-    from trainer.config import load_config
 
     cfg = load_config(TokenizeConfig, None, [
         f"input={shards}", f"output={out}", "image_size=32", f"image_tokenizer.path={tokenizer}",

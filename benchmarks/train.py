@@ -38,8 +38,9 @@ import time
 
 import torch
 
+from data_pipeline.config import RayConfig, load_config
 from jobs.common import init_ray
-from trainer.config import RayConfig, TrainConfig, load_config
+from trainer.config import TrainConfig
 from trainer.engine import DTYPES, resolve_precision
 from trainer.launch import fit, worker_env
 from trainer.metrics import measure_peak_flops

@@ -21,18 +21,35 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from data_pipeline import fs
+from data_pipeline.config import REQUIRED, StorageConfig
 from data_pipeline.manifest import read_manifest, write_manifest
 from data_pipeline.shards import Sample, ShardInfo, write_shards
-from trainer.config import DigitsConfig
 
 MANIFEST_FORMAT = "ray-t2i/webdataset"  # shared by every stage that writes WebDataset shards
 MANIFEST_VERSION = 1
+
+
+@dataclass
+class DigitsConfig:
+    """`t2i data digits`: scikit-learn's bundled handwritten digits as WebDataset shards."""
+
+    out: str = REQUIRED  # output directory or s3://bucket/prefix
+    image_size: int = 32  # 8x8 digits are upscaled (bilinear) to image_size x image_size
+    val_fraction: float = 0.1  # deterministic held-out split
+    samples_per_shard: int = 256
+    mismatch_fraction: float = 0.0  # fraction of captions swapped to a wrong digit (recorded)
+    seed: int = 0
+    photos: int = 64  # real photo crops (scikit-image samples) for tokenizer checks; 0: none
+    photo_size: int = 64  # side of each photo crop
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # Templates used in the shards. `{w}` is the digit as a word, `{d}` as a numeral.

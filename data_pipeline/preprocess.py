@@ -49,6 +49,7 @@ from data_pipeline.clip_score import (
 from data_pipeline.dedup import find_duplicates, lsh_hyperplanes
 from data_pipeline.filters import ApplyFilters
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from data_pipeline.preprocess_config import PreprocessConfig
 from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.validate import DecodeImages
 from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
@@ -61,7 +62,6 @@ from data_pipeline.writer import (
     summarize,
     write_clean_shard,
 )
-from trainer.config import PreprocessConfig
 
 MANIFEST_FORMAT = "ray-t2i/webdataset"  # the same format `t2i data digits` writes
 MANIFEST_VERSION = 1

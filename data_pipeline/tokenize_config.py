@@ -1,4 +1,4 @@
-"""`TokenizeConfig`: the typed config of `t2i tokenize` (loaded with `trainer.config.load_config`).
+"""`TokenizeConfig`: the typed config of `t2i tokenize` (loaded with `data_pipeline.config.load_config`).
 
 t2i tokenize --config jobs/configs/tokenize_digits.yaml image_tokenizer.batch_size=128
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trainer.config import REQUIRED, ConfigError, RayConfig, StorageConfig
+from data_pipeline.config import REQUIRED, ConfigError, RayConfig, StorageConfig
 
 
 @dataclass

@@ -127,8 +127,8 @@ class EncodeImages:
     (KL-AE, already scaled). Quarantined rows get zeros (the writer drops them)."""
 
     def __init__(self, spec: ImageEncoderSpec, tokenizer=None):
-        from trainer.config import StorageConfig
-        from trainer.models.image_tokenizer import load_image_tokenizer
+        from data_pipeline.config import StorageConfig
+        from trainer.tokenizers import load_image_tokenizer
 
         self.spec = spec
         self.device = _device(spec.threads)

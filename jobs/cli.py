@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from trainer.config import ConfigError
+from data_pipeline.config import ConfigError
 
 # Modules that register subcommands, in the order `t2i --help` lists them (the order of the flow).
 COMMAND_MODULES = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from trainer.config import RayConfig
+from data_pipeline.config import RayConfig
 
 
 def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None, min_cpus: float = 0):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.config import DigitsConfig, load_config
+from data_pipeline.config import load_config
+from data_pipeline.digits import DigitsConfig
 
 
 def register(subparsers) -> None:

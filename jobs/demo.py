@@ -122,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir).resolve()
     t_start = time.monotonic()
 
-    from data_pipeline.digits import MANIFEST_FORMAT, MANIFEST_VERSION, build_digits
+    from data_pipeline.config import load_config
+    from data_pipeline.digits import MANIFEST_FORMAT, MANIFEST_VERSION, DigitsConfig, build_digits
     from data_pipeline.manifest import ManifestError, read_manifest
+    from data_pipeline.preprocess_config import PreprocessConfig
     from jobs.common import init_ray
-    from trainer.config import DigitsConfig, PreprocessConfig, load_config
 
     def manifest_of(path: Path, fmt: str, version: int):
         try:
@@ -290,7 +291,7 @@ def ldm_recipe(ctx: Shared) -> dict:
 def sample_and_eval(ctx: Shared, recipe: str, config: str, model, data: Path, image_tok,
                     seconds: dict) -> dict:  # fmt: skip
     """Sample every digit from training and held-out templates (CLIP keeps the best); eval."""
-    from trainer.config import load_config
+    from data_pipeline.config import load_config
     from trainer.evaluate import EvalConfig, eval_on_ray, format_table
     from trainer.sampling.config import SampleConfig
     from trainer.sampling.run import sample_on_ray
@@ -352,7 +353,8 @@ def summary_table(results: dict[str, dict]) -> str:
 
 def train_config(name: str, data: Path, train_dir: Path, *overrides: str):
     """jobs/configs/<name>.yaml reading `data`, its run under `train_dir`."""
-    from trainer.config import TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from trainer.config import TrainConfig
 
     base = [f"data.path={data}", f"checkpoint.storage_path={train_dir}"]
     return load_config(TrainConfig, CONFIGS / f"{name}.yaml", [*base, *overrides])
@@ -382,10 +384,10 @@ def tokenize_stage(
     name: str, config: Path, overrides: list[str], seconds: dict | None = None
 ) -> dict:
     """`t2i tokenize` (resumable; a complete output is reused); returns the dataset manifest."""
+    from data_pipeline.config import load_config
     from data_pipeline.token_dataset import read_any_manifest
     from data_pipeline.tokenize import run_tokenize
     from data_pipeline.tokenize_config import TokenizeConfig
-    from trainer.config import load_config
 
     cfg = load_config(TokenizeConfig, config, overrides)
     out = fs.resolve(cfg.output)

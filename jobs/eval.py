@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data_pipeline.config import load_config
     from jobs.common import init_ray
-    from trainer.config import load_config
     from trainer.evaluate import EVAL_FILE, eval_on_ray, format_table
 
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.config import PreprocessConfig, load_config
+from data_pipeline.config import load_config
+from data_pipeline.preprocess_config import PreprocessConfig
 
 
 def register(subparsers) -> None:

@@ -33,8 +33,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data_pipeline.config import load_config
     from jobs.common import init_ray
-    from trainer.config import load_config
     from trainer.sampling.config import check_config
     from trainer.sampling.run import sample_on_ray
 

@@ -34,10 +34,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data_pipeline.config import load_config
     from data_pipeline.tokenize import run_tokenize
     from data_pipeline.tokenize_config import TokenizeConfig
     from jobs.common import init_ray
-    from trainer.config import load_config
 
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     cfg = load_config(TokenizeConfig, args.config, overrides)

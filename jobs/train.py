@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_pipeline.config import load_config
 from jobs.cli import add_config_arguments
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
 
 
 def register(subparsers) -> None:
@@ -30,8 +31,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data_pipeline.config import to_yaml
     from jobs.common import init_ray
-    from trainer.config import to_yaml
     from trainer.launch import fit, worker_env
 
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])

@@ -274,7 +274,9 @@ def test_kuberay_groups_resources_image_and_service_account(name):
     ],
 )
 def test_kuberay_job_entrypoint_runs_a_t2i_command_with_a_real_config(name, command, config):
-    from trainer.config import PreprocessConfig, TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from data_pipeline.preprocess_config import PreprocessConfig
+    from trainer.config import TrainConfig
 
     doc = manifest(name)
     argv = shlex.split(doc["spec"]["entrypoint"])

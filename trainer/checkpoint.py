@@ -1,4 +1,4 @@
-"""Checkpoints that are complete or ignored.
+"""Checkpoints that are complete or ignored: the storage layout, and the loop's `save`/`resume`.
 
 Layout (local dir or s3://), one directory per step:
 
@@ -34,15 +34,25 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
 
 from data_pipeline import fs
+from data_pipeline.config import from_dict, to_yaml
+from trainer import distributed as tdist
+from trainer.engine import NonFiniteError, engine_device, local_params_finite, objective_engines
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 FORMAT = "ray-t2i/checkpoint"
 VERSION = 1
@@ -178,8 +188,15 @@ def check_weights_only(path: str, name: str) -> None:
             f"{name}: refusing to load: it needs more than tensors and the allowed DeepSpeed "
             f"types (would run code if unpickled): {reason[0] if reason else type(e).__name__}"
         ) from None
-    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, AttributeError,
-            struct.error) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        IndexError,
+        KeyError,
+        ValueError,
+        AttributeError,
+        struct.error,
+    ) as e:
         # A damaged file can fail inside the unpickler in many ways: all mean "unreadable", which
         # resume treats like any other bad checkpoint (it skips it), never as a crash.
         raise ValueError(f"{name}: not a readable torch file: {type(e).__name__}: {e}") from None
@@ -282,3 +299,153 @@ def find_exported(loc: fs.Location, *, weights: str, config: str, what: str) -> 
         f"{loc.uri}: no {what} here: expected {weights} + {config} (an exported checkpoint or a "
         f"`t2i convert` output) or a `t2i train` run with a complete checkpoint holding {weights}"
     )
+
+
+class ResumeError(RuntimeError):
+    """The checkpoint rank 0 chose cannot be loaded on every rank."""
+
+
+def resume(engines: dict, run: fs.Location, rank: int, callbacks: list = ()) -> TrainState:
+    """Load one checkpoint of `run` into every part's engine (model and optimizer state) and
+    every callback's per-rank state; fresh state if there is none.
+
+    Decided once: rank 0 picks the newest complete checkpoint that it can read
+    (`pick_checkpoint`) and broadcasts its step; every rank loads that one. If any rank cannot,
+    every rank stops with a `ResumeError` naming it: ranks never resume at different steps (a
+    per-rank fallback to an older checkpoint would train them on different weights)."""
+    local = staging_dir(f"load-r{rank}")
+    try:
+        step = pick_checkpoint(run, local) if rank == 0 else None
+        step = tdist.broadcast_object(step)
+        if step is None:
+            return TrainState()
+        loc = run.join("checkpoints", step_dir_name(step))
+        error = ""
+        if rank != 0:  # rank 0 already holds its files
+            try:
+                download(loc, local, rank=rank)
+            except (ValueError, OSError) as e:
+                error = f"rank {rank}: {e}"
+        errors = [e for e in tdist.gather_objects(error) if e]
+        if errors:
+            raise ResumeError(
+                f"cannot resume from {loc.uri} (step {step}), the newest complete checkpoint "
+                f"rank 0 could read: {'; '.join(errors)}. No rank falls back to an older one; "
+                f"fix the storage error, or delete that checkpoint directory, and run again"
+            )
+        state = load_staged(engines, local, loc, step, rank, callbacks)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    if rank == 0:
+        print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
+    return state
+
+
+def pick_checkpoint(run: fs.Location, local: str) -> int | None:
+    """Rank 0's choice: the step of the newest complete checkpoint whose rank-0 files download
+    and verify into `local` (left there), or None when there is none."""
+    for step, loc in list_complete(run):
+        try:
+            download(loc, local, rank=0)
+            return step
+        except (ValueError, OSError) as e:
+            print(f"[t2i] rank 0: skipping checkpoint {loc.uri}: {e}", flush=True)
+            shutil.rmtree(local, ignore_errors=True)
+            os.makedirs(local)
+    return None
+
+
+def load_staged(
+    engines: dict, local: str, loc: fs.Location, step: int, rank: int, callbacks: list
+) -> TrainState:
+    """Restore a downloaded checkpoint (`local`, fetched from `loc`) into this rank."""
+    from safetensors.torch import load_file
+
+    for part, engine in engines.items():
+        ds = os.path.join(local, ds_dir(part))
+        if not os.path.isdir(os.path.join(ds, DS_TAG)):
+            # DeepSpeed would only warn and train on from scratch.
+            raise ValueError(
+                f"{loc.uri}: no DeepSpeed state for part {part!r} ({ds_dir(part)}/): "
+                f"this run's checkpoints were written by a different objective"
+            )
+        engine.load_checkpoint(
+            ds, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
+    if os.path.exists(rng):
+        torch.set_rng_state(load_file(rng)["torch_cpu"])
+    else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
+        torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
+    for cb in callbacks:
+        path = os.path.join(local, callback_file(cb, rank))
+        if not os.path.exists(path):
+            raise ValueError(f"{loc.uri}: no {cb.name} state for rank {rank} ({path})")
+        cb.load_state_dict(load_file(path), source=loc.uri)
+    with open(os.path.join(local, "train_state.json")) as f:
+        return from_dict(TrainState, json.load(f), source=loc.uri)
+
+
+def callback_file(cb, rank: int) -> str:
+    return f"{cb.name}_rank{rank:05d}.safetensors"
+
+
+def save(
+    engines: dict,
+    cfg: TrainConfig,
+    run: fs.Location,
+    state: TrainState,
+    rank: int,
+    world: int,
+    objective,
+    callbacks: list = (),
+    *,
+    export: bool,
+) -> None:
+    """Every rank stages and uploads its files; rank 0 writes the manifest after all are done.
+    Returns the Ray Checkpoint on rank 0, None elsewhere."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    finite = all(local_params_finite(e) for e in engines.values())
+    if not tdist.all_ranks_true(finite, engine_device(engines)):
+        raise NonFiniteError(f"refusing to checkpoint step {state.step}: parameters are not finite")
+    dest = run.join("checkpoints", step_dir_name(state.step))
+    local = staging_dir(f"save-r{rank}")
+    for part, engine in engines.items():  # model + optimizer state of every part
+        engine.save_checkpoint(os.path.join(local, ds_dir(part)), tag=DS_TAG, save_latest=False)
+    save_file(
+        {"torch_cpu": torch.get_rng_state()}, os.path.join(local, f"rng_rank{rank:05d}.safetensors")
+    )
+    for cb in callbacks:  # per-rank callback state (an EMA shard), restored by resume()
+        save_file(cb.state_dict(), os.path.join(local, callback_file(cb, rank)))
+    weights = (
+        objective.export_state_dict(objective_engines(engines))
+        if export and cfg.checkpoint.export_weights
+        else None
+    )
+    if rank == 0:
+        with open(os.path.join(local, "train_state.json"), "wb") as f:
+            f.write(state_to_json(state))
+        with open(os.path.join(local, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        if weights is not None:
+            save_safetensors(  # fixed header order: same weights, same fingerprint
+                weights,
+                os.path.join(local, "model.safetensors"),
+                metadata={"objective": cfg.objective, "step": str(state.step)},
+            )
+            write_export = getattr(objective, "write_export", None)
+            if write_export is not None:  # an ecosystem layout beside it (diffusers folders)
+                write_export(local, weights)
+    files = upload_dir(local, dest)
+    shutil.rmtree(local, ignore_errors=True)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, files)  # also the barrier: every upload is done
+    if rank == 0:
+        merged = {k: v for part in gathered for k, v in part.items()}
+        write_manifest(dest, state.step, merged)
+        prune(run, cfg.checkpoint.keep)
+        print(f"[t2i] checkpoint step {state.step} -> {dest.uri} ({len(merged)} files)", flush=True)
+    dist.barrier()
+    return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs) if rank == 0 else None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline import fs
-from trainer.config import StorageConfig
+from data_pipeline.config import StorageConfig
 
 WEIGHTS = "classifier.safetensors"
 META = "classifier.json"

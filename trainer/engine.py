@@ -330,3 +330,19 @@ def export_module_state(engine) -> dict[str, torch.Tensor] | None:
     if engine.global_rank != 0 or sd is None:
         return None
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+def objective_engines(engines: dict):
+    """What an objective's methods get: its one engine (single-part objectives, the original
+    API), or the dict of engines by part name (multi-part objectives)."""
+    return next(iter(engines.values())) if len(engines) == 1 else engines
+
+
+def engine_device(engines: dict) -> torch.device:
+    """The device this rank computes on (every part's engine shares it): where every tensor
+    handed to a collective lives (NCCL takes CUDA tensors only)."""
+    return next(iter(engines.values())).device

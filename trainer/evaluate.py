@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data_pipeline import fs
+from data_pipeline.config import REQUIRED, RayConfig, StorageConfig, from_dict
 from data_pipeline.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption_for
-from trainer.config import REQUIRED, RayConfig, StorageConfig, from_dict
 from trainer.digits_classifier import ClassifierSection, load_digit_split, load_or_train, predict
 
 FORMAT = "ray-t2i/eval"
@@ -197,8 +197,8 @@ def tokenizer_report(cfg: EvalConfig, log=print) -> dict | None:
     """PSNR of the image tokenizer on held-out real images (None when not configured)."""
     if not cfg.image_tokenizer:
         return None
-    from trainer.models.image_tokenizer import load_image_tokenizer
     from trainer.recon import load_split_images, reconstruction_psnr
+    from trainer.tokenizers import load_image_tokenizer
 
     tok = load_image_tokenizer(cfg.image_tokenizer, storage=cfg.storage)
     images = load_split_images(

@@ -2,7 +2,8 @@
 
     cfg      <- TrainConfig rebuilt from the dict Ray passed (never a module global)
     engines  <- trainer.engine.initialize_parts(objective): {"model": engine} or one per part
-    resume   <- newest COMPLETE checkpoint under <storage>/<name>, if any (every part)
+    resume   <- newest COMPLETE checkpoint under <storage>/<name>, if any (every part);
+                save and resume live in trainer/checkpoint.py
     loop     :  batch -> on_step(step) -> loss of each part -> guard -> per part: backward, step
                 -> report (+ log_images) ; one code path: ordinary objectives have one part
                 every N steps: checkpoint (all ranks upload, rank 0 writes the manifest last)
@@ -14,9 +15,7 @@ how many batches this epoch consumed and a resumed run skips exactly those.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from collections import Counter
 
@@ -24,14 +23,17 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import fs
+from data_pipeline.config import from_dict
 from trainer import checkpoint as ckpt_io
 from trainer import distributed as tdist
-from trainer.config import TrainConfig, from_dict, to_yaml
+from trainer.config import TrainConfig
 from trainer.engine import (
     DTYPES,
+    NonFiniteError,
+    engine_device,
     initialize_parts,
-    local_params_finite,
     native_bf16,
+    objective_engines,
     part_optimizer,
     resolve_precision,
     set_lr,
@@ -40,10 +42,6 @@ from trainer.engine import (
 from trainer.metrics import MetricsLogger, current_rss_gib, measure_peak_flops
 from trainer.objectives import build_objective
 from trainer.schedules import compute_lr
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps."""
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -74,7 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
     callbacks = list(getattr(objective, "callbacks", ()))  # e.g. the EMA (trainer/ema.py)
     for cb in callbacks:
         cb.on_engines(engines, rank, world)
-    state = resume(engines, run, rank, callbacks)
+    state = ckpt_io.resume(engines, run, rank, callbacks)
 
     shard = ray.train.get_dataset_shard("train")
     precision = resolve_precision(cfg.engine.precision)
@@ -153,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = None
             if ckpt_step:  # timed: its seconds go to the dashboard, not into the throughput
                 with logger.checkpointing(state.step):
-                    checkpoint = save(
+                    checkpoint = ckpt_io.save(
                         engines, cfg, run, state, rank, world, objective, callbacks, export=last
                     )
             if metrics is not None:
@@ -187,12 +185,6 @@ def run_location(cfg: TrainConfig) -> fs.Location:
     storage = ray.train.get_context().get_storage()
     uri = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.name}"
     return fs.Location(storage.storage_filesystem, storage.experiment_fs_path, uri)
-
-
-def objective_engines(engines: dict):
-    """What an objective's methods get: its one engine (single-part objectives, the original
-    API), or the dict of engines by part name (multi-part objectives)."""
-    return next(iter(engines.values())) if len(engines) == 1 else engines
 
 
 def active_parts(objective, parts: list[str], step: int) -> list[str]:
@@ -304,12 +296,6 @@ def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
             yield batch
 
 
-def engine_device(engines: dict) -> torch.device:
-    """The device this rank computes on (every part's engine shares it): where every tensor
-    handed to a collective lives (NCCL takes CUDA tensors only)."""
-    return next(iter(engines.values())).device
-
-
 def all_ranks_finite(values: torch.Tensor, device: torch.device) -> bool:
     """True when every element of `values` (this rank's losses) is finite on every rank; the
     flag is reduced on `device`, the engine's."""
@@ -322,155 +308,3 @@ def check_bad_steps(bad_in_a_row: int, cfg: TrainConfig) -> None:
             f"{bad_in_a_row} consecutive non-finite steps (engine.max_bad_steps="
             f"{cfg.engine.max_bad_steps}): lower optimizer.lr, check the data, or use bf16/fp32"
         )
-
-
-class ResumeError(RuntimeError):
-    """The checkpoint rank 0 chose cannot be loaded on every rank."""
-
-
-def resume(engines: dict, run: fs.Location, rank: int, callbacks: list = ()) -> ckpt_io.TrainState:
-    """Load one checkpoint of `run` into every part's engine (model and optimizer state) and
-    every callback's per-rank state; fresh state if there is none.
-
-    Decided once: rank 0 picks the newest complete checkpoint that it can read
-    (`pick_checkpoint`) and broadcasts its step; every rank loads that one. If any rank cannot,
-    every rank stops with a `ResumeError` naming it: ranks never resume at different steps (a
-    per-rank fallback to an older checkpoint would train them on different weights)."""
-    local = ckpt_io.staging_dir(f"load-r{rank}")
-    try:
-        step = pick_checkpoint(run, local) if rank == 0 else None
-        step = tdist.broadcast_object(step)
-        if step is None:
-            return ckpt_io.TrainState()
-        loc = run.join("checkpoints", ckpt_io.step_dir_name(step))
-        error = ""
-        if rank != 0:  # rank 0 already holds its files
-            try:
-                ckpt_io.download(loc, local, rank=rank)
-            except (ValueError, OSError) as e:
-                error = f"rank {rank}: {e}"
-        errors = [e for e in tdist.gather_objects(error) if e]
-        if errors:
-            raise ResumeError(
-                f"cannot resume from {loc.uri} (step {step}), the newest complete checkpoint "
-                f"rank 0 could read: {'; '.join(errors)}. No rank falls back to an older one; "
-                f"fix the storage error, or delete that checkpoint directory, and run again"
-            )
-        state = load_staged(engines, local, loc, step, rank, callbacks)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    if rank == 0:
-        print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
-    return state
-
-
-def pick_checkpoint(run: fs.Location, local: str) -> int | None:
-    """Rank 0's choice: the step of the newest complete checkpoint whose rank-0 files download
-    and verify into `local` (left there), or None when there is none."""
-    for step, loc in ckpt_io.list_complete(run):
-        try:
-            ckpt_io.download(loc, local, rank=0)
-            return step
-        except (ValueError, OSError) as e:
-            print(f"[t2i] rank 0: skipping checkpoint {loc.uri}: {e}", flush=True)
-            shutil.rmtree(local, ignore_errors=True)
-            os.makedirs(local)
-    return None
-
-
-def load_staged(
-    engines: dict, local: str, loc: fs.Location, step: int, rank: int, callbacks: list
-) -> ckpt_io.TrainState:
-    """Restore a downloaded checkpoint (`local`, fetched from `loc`) into this rank."""
-    from safetensors.torch import load_file
-
-    for part, engine in engines.items():
-        ds = os.path.join(local, ckpt_io.ds_dir(part))
-        if not os.path.isdir(os.path.join(ds, ckpt_io.DS_TAG)):
-            # DeepSpeed would only warn and train on from scratch.
-            raise ValueError(
-                f"{loc.uri}: no DeepSpeed state for part {part!r} ({ckpt_io.ds_dir(part)}/): "
-                f"this run's checkpoints were written by a different objective"
-            )
-        engine.load_checkpoint(
-            ds, tag=ckpt_io.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-    rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
-    if os.path.exists(rng):
-        torch.set_rng_state(load_file(rng)["torch_cpu"])
-    else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
-        torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
-    for cb in callbacks:
-        path = os.path.join(local, callback_file(cb, rank))
-        if not os.path.exists(path):
-            raise ValueError(f"{loc.uri}: no {cb.name} state for rank {rank} ({path})")
-        cb.load_state_dict(load_file(path), source=loc.uri)
-    with open(os.path.join(local, "train_state.json")) as f:
-        return from_dict(ckpt_io.TrainState, json.load(f), source=loc.uri)
-
-
-def callback_file(cb, rank: int) -> str:
-    return f"{cb.name}_rank{rank:05d}.safetensors"
-
-
-def save(
-    engines: dict,
-    cfg: TrainConfig,
-    run: fs.Location,
-    state: ckpt_io.TrainState,
-    rank: int,
-    world: int,
-    objective,
-    callbacks: list = (),
-    *,
-    export: bool,
-) -> None:
-    """Every rank stages and uploads its files; rank 0 writes the manifest after all are done.
-    Returns the Ray Checkpoint on rank 0, None elsewhere."""
-    import ray.train
-    from safetensors.torch import save_file
-
-    finite = all(local_params_finite(e) for e in engines.values())
-    if not tdist.all_ranks_true(finite, engine_device(engines)):
-        raise NonFiniteError(f"refusing to checkpoint step {state.step}: parameters are not finite")
-    dest = run.join("checkpoints", ckpt_io.step_dir_name(state.step))
-    local = ckpt_io.staging_dir(f"save-r{rank}")
-    for part, engine in engines.items():  # model + optimizer state of every part
-        engine.save_checkpoint(
-            os.path.join(local, ckpt_io.ds_dir(part)), tag=ckpt_io.DS_TAG, save_latest=False
-        )
-    save_file(
-        {"torch_cpu": torch.get_rng_state()}, os.path.join(local, f"rng_rank{rank:05d}.safetensors")
-    )
-    for cb in callbacks:  # per-rank callback state (an EMA shard), restored by resume()
-        save_file(cb.state_dict(), os.path.join(local, callback_file(cb, rank)))
-    weights = (
-        objective.export_state_dict(objective_engines(engines))
-        if export and cfg.checkpoint.export_weights
-        else None
-    )
-    if rank == 0:
-        with open(os.path.join(local, "train_state.json"), "wb") as f:
-            f.write(ckpt_io.state_to_json(state))
-        with open(os.path.join(local, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
-        if weights is not None:
-            ckpt_io.save_safetensors(  # fixed header order: same weights, same fingerprint
-                weights,
-                os.path.join(local, "model.safetensors"),
-                metadata={"objective": cfg.objective, "step": str(state.step)},
-            )
-            write_export = getattr(objective, "write_export", None)
-            if write_export is not None:  # an ecosystem layout beside it (diffusers folders)
-                write_export(local, weights)
-    files = ckpt_io.upload_dir(local, dest)
-    shutil.rmtree(local, ignore_errors=True)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, files)  # also the barrier: every upload is done
-    if rank == 0:
-        merged = {k: v for part in gathered for k, v in part.items()}
-        ckpt_io.write_manifest(dest, state.step, merged)
-        ckpt_io.prune(run, cfg.checkpoint.keep)
-        print(f"[t2i] checkpoint step {state.step} -> {dest.uri} ({len(merged)} files)", flush=True)
-    dist.barrier()
-    return ray.train.Checkpoint(path=dest.path, filesystem=dest.fs) if rank == 0 else None

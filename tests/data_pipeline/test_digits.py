@@ -9,12 +9,12 @@ from data_pipeline import fs
 from data_pipeline.digits import (
     DIGIT_WORDS,
     HELDOUT_TEMPLATES,
+    DigitsConfig,
     build_digits,
     digit_to_image,
     split_indices,
 )
 from data_pipeline.shards import iter_tar_samples, split_member_name
-from trainer.config import DigitsConfig
 
 
 def read_samples(path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from data_pipeline import fs
+from data_pipeline.config import StorageConfig
 from data_pipeline.manifest import ManifestError, read_manifest, write_manifest
 from tests.s3_fault_proxy import FaultProxy, combine, every
-from trainer.config import StorageConfig
 
 
 def test_resolve_local_and_file_uri(tmp_path):

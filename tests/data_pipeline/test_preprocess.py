@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline import dedup
+from data_pipeline.config import load_config
 from data_pipeline.preprocess import FAULT_ENV, PreprocessError, run_preprocess
+from data_pipeline.preprocess_config import PreprocessConfig
 from data_pipeline.shards import iter_tar_samples
 from tests.data_pipeline.preprocess_fixtures import build_clean, build_hostile
-from trainer.config import PreprocessConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = dict(log=lambda *_: None)

@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.clip_score import ClipScorer, ClipSpec, register_model_config
-from data_pipeline.digits import build_digits
+from data_pipeline.config import load_config
+from data_pipeline.digits import DigitsConfig, build_digits
 from data_pipeline.preprocess import run_preprocess
+from data_pipeline.preprocess_config import PreprocessConfig
 from data_pipeline.shards import iter_tar_samples
 from data_pipeline.validate import decode_image, resize_center_crop
-from trainer.config import DigitsConfig, PreprocessConfig, load_config
 
 MODEL = "t2i-test-clip"
 # ~7.6M parameters, 6.3M of them the BPE token embedding; 16 image patches of 8x8.

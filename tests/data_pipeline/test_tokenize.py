@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 
 from data_pipeline import fs
+from data_pipeline.config import load_config, to_yaml
 from data_pipeline.manifest import ManifestError
 from data_pipeline.shards import write_shards
 from data_pipeline.token_dataset import check_compatible, read_token_dataset
 from data_pipeline.tokenize import FAULT_ENV, InjectedFault, run_tokenize
 from data_pipeline.tokenize_config import TokenizeConfig
-from trainer.config import TrainConfig, load_config, to_yaml
+from trainer.config import TrainConfig
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
-from trainer.models.image_tokenizer import load_image_tokenizer
+from trainer.tokenizers import load_image_tokenizer
 
 SIZE = 16
 WORDS = ("zero", "one", "two", "three", "four")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jobs.cli import main
-from trainer.models.image_tokenizer import load_image_tokenizer
+from trainer.tokenizers import load_image_tokenizer
 
 
 @pytest.fixture
@@ -120,11 +120,11 @@ def test_cli_checks_arguments_and_dispatches_taming(tmp_path, monkeypatch, capsy
     assert main(["convert", "--from", "taming-vqgan", "--ckpt", "x", "--out", "o"]) == 2
     assert "needs --config" in capsys.readouterr().err
 
-    import trainer.models.vqgan as vqgan
+    import trainer.tokenizers as tokenizers
 
     calls = []
     monkeypatch.setattr(
-        vqgan, "convert_taming_vqgan", lambda *a, **kw: calls.append((a, kw)) or {"ok": 1}
+        tokenizers, "convert_taming_vqgan", lambda *a, **kw: calls.append((a, kw)) or {"ok": 1}
     )
     argv = ["convert", "--from", "taming-vqgan", "--ckpt", "m.ckpt", "--config", "m.yaml"]
     assert main([*argv, "--out", "o", "--keep-loss"]) == 0

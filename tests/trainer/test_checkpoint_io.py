@@ -180,7 +180,6 @@ def test_planted_pickle_payload_is_refused(tmp_path):
     write the bucket could plant): download refuses it by name, resume's rank-0 choice falls back
     to the previous checkpoint, and the payload never runs. A weights_only=False load (what
     DeepSpeed 0.19 does) would run it."""
-    from trainer import loop
 
     marker = tmp_path / "marker"
     run = fs.resolve(str(tmp_path / "runs" / "r"))
@@ -199,7 +198,7 @@ def test_planted_pickle_payload_is_refused(tmp_path):
         ck.download(bad, str(tmp_path / "dl"), rank=0)
     local = tmp_path / "resume"
     local.mkdir()
-    assert loop.pick_checkpoint(run, str(local)) == 10
+    assert ck.pick_checkpoint(run, str(local)) == 10
     assert not marker.exists()
 
     torch.load(io.BytesIO(planted), weights_only=False)  # the control: the payload is live

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.digits import build_digits
-from trainer.config import DigitsConfig, TrainConfig, load_config
+from data_pipeline.config import load_config
+from data_pipeline.digits import DigitsConfig, build_digits
+from trainer.config import TrainConfig
 from trainer.launch import fit
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,15 +3,15 @@ from typing import Literal
 
 import pytest
 
-from trainer.config import (
+from data_pipeline.config import (
     REQUIRED,
     ConfigError,
-    DigitsConfig,
     StorageConfig,
     apply_overrides,
     from_dict,
     load_config,
 )
+from data_pipeline.digits import DigitsConfig
 
 
 @dataclass

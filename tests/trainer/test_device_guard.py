@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import fs
+from data_pipeline.config import load_config
 from tests.conftest import free_port
 from trainer import checkpoint as ck
 from trainer import distributed as tdist
 from trainer import loop
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "jobs" / "configs"
@@ -213,11 +214,11 @@ def test_loop_collectives_use_the_engine_device(world_of_one, lazy, monkeypatch,
         monkeypatch.setattr(tdist, "collective_device", lambda: lazy)
         assert all_ranks_sum(2.5) == 2.5
         state = ck.TrainState(step=3, epoch=1, batches_in_epoch=2)
-        loop.save(engines, cfg, run, state, 0, 1, objective=None, export=False)
+        ck.save(engines, cfg, run, state, 0, 1, objective=None, export=False)
         saved = {k: v.cpu().clone() for k, v in module.state_dict().items()}
         with torch.no_grad():
             module.weight.zero_()
-        assert loop.resume(engines, run, 0) == state
+        assert ck.resume(engines, run, 0) == state
     assert torch.equal(module.weight.cpu(), saved["weight"])
     assert guard.errors == [] and len(guard.calls) >= 4
 
@@ -264,8 +265,7 @@ def _copy_param(param, value):  # no DeepSpeed optimizer here: the module copy o
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig
+    from data_pipeline.digits import DigitsConfig, build_digits
 
     out = tmp_path_factory.mktemp("digits")
     build_digits(DigitsConfig(out=str(out), photos=0), log=lambda *_: None)
@@ -433,9 +433,9 @@ def _resume_rank(rank: int, port: int, storage: str, failing_rank: int, out: str
         device=torch.device("cpu"), load_checkpoint=lambda path, **_: loaded.append(path)
     )
     try:
-        state = loop.resume({"model": engine}, fs.resolve(storage).join("run"), rank)
+        state = ck.resume({"model": engine}, fs.resolve(storage).join("run"), rank)
         result = {"step": state.step, "loaded": len(loaded)}
-    except loop.ResumeError as e:
+    except ck.ResumeError as e:
         result = {"error": str(e)}
     finally:
         dist.destroy_process_group()

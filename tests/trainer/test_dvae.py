@@ -166,10 +166,11 @@ def test_pixel_maps_and_metrics():
 
 @pytest.mark.slow
 def test_dvae_trains_on_digits_and_exports_a_tokenizer(ray_local, tmp_path):
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig, TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from data_pipeline.digits import DigitsConfig, build_digits
+    from trainer.config import TrainConfig
     from trainer.launch import fit
-    from trainer.models.image_tokenizer import load_image_tokenizer
+    from trainer.tokenizers import load_image_tokenizer
 
     build_digits(DigitsConfig(out=str(tmp_path / "digits"), photos=0), log=lambda *_: None)
     steps = 40

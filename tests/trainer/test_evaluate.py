@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, build_digits, caption_for
+from data_pipeline.config import load_config
+from data_pipeline.digits import (
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    DigitsConfig,
+    build_digits,
+    caption_for,
+)
 from tests.trainer.sample_fixtures import make_dvae
-from trainer.config import DigitsConfig, load_config
 from trainer.digits_classifier import (
     ClassifierSection,
     load_digit_split,

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipeline import fs
+from data_pipeline.config import to_yaml
 from trainer import checkpoint as ck
-from trainer.config import TrainConfig, to_yaml
-from trainer.models.image_tokenizer import ImageTokenizer, load_image_tokenizer
+from trainer.config import TrainConfig
+from trainer.models.image_tokenizer import ImageTokenizer
 from trainer.models.klae import SCALE_KEY, KlaeConfig, KlaeTokenizer
 from trainer.recon import (
     PSNR_CAP_DB,
@@ -23,6 +24,7 @@ from trainer.recon import (
     psnr,
     reconstruction_psnr,
 )
+from trainer.tokenizers import load_image_tokenizer
 
 TINY = KlaeConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4)
 
@@ -150,8 +152,7 @@ def test_reconstruction_psnr_of_a_known_error():
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig
+    from data_pipeline.digits import DigitsConfig, build_digits
 
     out = tmp_path_factory.mktemp("digits")
     build_digits(DigitsConfig(out=str(out), photos=4, photo_size=40), log=lambda *_: None)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.config import TrainConfig, to_yaml
-from trainer.models.image_tokenizer import load_image_tokenizer
+from data_pipeline.config import to_yaml
+from trainer.config import TrainConfig
 from trainer.models.klae import (
     SCALE_KEY,
     Klae,
@@ -24,6 +24,7 @@ from trainer.models.klae import (
     diffusers_config,
 )
 from trainer.objectives.klae import KlaeObjective
+from trainer.tokenizers import load_image_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(image_size=16, block_out_channels=[8, 16, 16], norm_num_groups=4, latent_channels=4)
@@ -201,8 +202,8 @@ def test_log_images_grid(one_thread):
 
 @pytest.mark.slow
 def test_klae_trains_on_digits_and_exports_a_tokenizer(ray_local, tmp_path):
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig, load_config
+    from data_pipeline.config import load_config
+    from data_pipeline.digits import DigitsConfig, build_digits
     from trainer.launch import fit
     from trainer.recon import load_split_images, pixels_to_unit
 

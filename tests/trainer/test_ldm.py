@@ -127,8 +127,9 @@ def test_presets_and_config_errors():
 
 
 def test_config_preset_and_dataset_checks():
+    from data_pipeline.config import ConfigError, load_config
     from data_pipeline.token_dataset import check_latent_compatible
-    from trainer.config import ConfigError, TrainConfig, load_config
+    from trainer.config import TrainConfig
 
     cfg = load_config(TrainConfig, REPO / "jobs/configs/ldm_digits.yaml", ["unet.layers_per_block=1"])
     assert cfg.unet.cross_attention_dim == 128 and cfg.unet.layers_per_block == 1
@@ -206,11 +207,11 @@ def digits_latents(ray_local, tmp_path_factory):
     """`t2i tokenize recipe=ldm` on the bundled digits (val split, 180 images): a tiny random
     KL-AE's 4x8x8 latents + a tiny random open_clip text tower's 8 x 32 states."""
     from data_pipeline import token_dataset as T
-    from data_pipeline.digits import build_digits
+    from data_pipeline.config import load_config
+    from data_pipeline.digits import DigitsConfig, build_digits
     from data_pipeline.tokenize import run_tokenize
     from data_pipeline.tokenize_config import TokenizeConfig
     from tests.trainer.sample_fixtures import LDM_TEXT_LEN, TEXT_ENCODER, make_klae
-    from trainer.config import DigitsConfig, load_config
 
     root = tmp_path_factory.mktemp("ldm-data")
     build_digits(DigitsConfig(out=str(root / "digits"), photos=0), log=lambda *_: None)
@@ -237,7 +238,8 @@ def fs_location(path):
 
 
 def _fit(tmp_path, name, data, *overrides):
-    from trainer.config import TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from trainer.config import TrainConfig
     from trainer.launch import fit
 
     cfg = load_config(

@@ -20,8 +20,10 @@ import pytest
 from PIL import Image
 
 from data_pipeline import fs
+from data_pipeline.config import load_config
+from data_pipeline.preprocess_config import PreprocessConfig
 from data_pipeline.ray_metrics import PROMETHEUS_PREFIX, TRAIN
-from trainer.config import PreprocessConfig, TrainConfig, load_config
+from trainer.config import TrainConfig
 from trainer.metrics import plot_loss_curve, read_metrics_rows, upload_changed
 
 TINY = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "dalle_tiny.yaml"

@@ -18,8 +18,7 @@ from trainer.engine import initialize_parts, trains_only
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig
+    from data_pipeline.digits import DigitsConfig, build_digits
 
     out = tmp_path_factory.mktemp("digits")
     build_digits(DigitsConfig(out=str(out), photos=0), log=lambda *_: None)

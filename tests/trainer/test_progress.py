@@ -36,7 +36,8 @@ def test_terminal_output_redraws_one_line():
 def test_train_progress_follows_the_runs_metrics_log(tmp_path):
     import json
 
-    from trainer.config import TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from trainer.config import TrainConfig
     from trainer.launch import TrainProgress
 
     cfg = load_config(TrainConfig, None, ["name=run", f"checkpoint.storage_path={tmp_path}",
@@ -57,7 +58,8 @@ def test_train_progress_follows_the_runs_metrics_log(tmp_path):
 
 
 def test_train_progress_never_fails_the_run_on_unreadable_storage(tmp_path):
-    from trainer.config import TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from trainer.config import TrainConfig
     from trainer.launch import TrainProgress
 
     cfg = load_config(TrainConfig, None, ["name=run", "steps=10",

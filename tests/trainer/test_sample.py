@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import fs
+from data_pipeline.config import load_config
 from tests.trainer.sample_fixtures import (
     DIGIT_PROMPTS,
     GRID,
@@ -20,7 +21,6 @@ from tests.trainer.sample_fixtures import (
     make_dvae,
     make_sample_inputs,
 )
-from trainer.config import load_config
 from trainer.models.dalle import DalleTransformer, dalle_preset
 from trainer.sampling.ar import filter_logits, generate_ar, load_dalle, next_codes, sample_codes
 from trainer.sampling.config import SampleConfig, check_config, read_prompts

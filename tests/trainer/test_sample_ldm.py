@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from data_pipeline.config import load_config
 from tests.trainer.sample_fixtures import DIGIT_PROMPTS, make_ldm_inputs
-from trainer.config import load_config
 from trainer.sampling.common import Chunk, assemble
 from trainer.sampling.config import SampleConfig
 from trainer.sampling.run import run_sample, sample_on_ray

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipeline import fs
+from data_pipeline.config import load_config
 from trainer import checkpoint as ck
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
 from trainer.launch import fit
 
 TINY = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "dalle_tiny.yaml"

@@ -15,14 +15,13 @@ from trainer.models.discriminator import (
     compute_adaptive_weight,
     compute_conv_weight_grads,
 )
-from trainer.models.image_tokenizer import load_image_tokenizer
 from trainer.models.vqgan import (
     Vqgan,
     VqganConfig,
     VqganTokenizer,
     compute_code_usage,
-    convert_taming_vqgan,
 )
+from trainer.tokenizers import convert_taming_vqgan, load_image_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -212,8 +211,7 @@ def test_convert_refuses_wrong_layout_and_pickled_code(tmp_path, one_thread):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from data_pipeline.digits import build_digits
-    from trainer.config import DigitsConfig
+    from data_pipeline.digits import DigitsConfig, build_digits
 
     out = tmp_path_factory.mktemp("digits")
     build_digits(DigitsConfig(out=str(out), photos=0), log=lambda *_: None)
@@ -222,7 +220,8 @@ def digits(tmp_path_factory):
 
 def vqgan_train_config(storage: Path, name: str, digits: Path, *overrides: str):
     """The demo's config, shrunk: 16 px images (f=4 -> 4x4 codes of 64), small batches."""
-    from trainer.config import TrainConfig, load_config
+    from data_pipeline.config import load_config
+    from trainer.config import TrainConfig
 
     return load_config(
         TrainConfig,

@@ -122,6 +122,11 @@ class DalleConfig:
         """Text-head outputs: BPE ids + one pad token per position + the "no text" token."""
         return self.text_vocab + self.text_len + 1
 
+    @classmethod
+    def from_preset(cls, name: str) -> DalleConfig:
+        """The named preset (configs accept `preset: NAME`, see `data_pipeline.config`)."""
+        return dalle_preset(name)
+
 
 PRESETS: dict[str, dict] = {
     # unit tests and smoke runs: milliseconds per step

@@ -7,7 +7,7 @@
 `dall_e.Encoder.blocks` / `dall_e.Decoder.blocks` (convolutions hold `w` and `b`), so
 `encoder.load_state_dict(openai_encoder.state_dict(), strict=True)` works, and a `Dvae` or
 `DvaeTokenizer` state dict is the two of them under `encoder.` and `decoder.`.
-`convert_openai_dvae` turns OpenAI's files into a tokenizer directory.
+`trainer.tokenizers.convert_openai_dvae` turns OpenAI's files into a tokenizer directory.
 
 One generalisation: `group_count` (OpenAI: always 4, downsampling f = 8) may be set to any G >= 1,
 giving f = 2**(G-1) with the same key naming; group g is 2**(g-1) * n_hid wide in the encoder and
@@ -15,23 +15,21 @@ giving f = 2**(G-1) with the same key naming; group g is 2**(g-1) * n_hid wide i
 
 Pixels go through OpenAI's `map_pixels` (into [eps, 1-eps], eps = 0.1, where the logit-Laplace
 density is defined) before the encoder; reconstructions are `unmap_pixels(sigmoid(mu))`.
-This file imports only torch (and, for conversion, safetensors and our filesystem helpers).
+This file imports only torch.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import pickle
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer, load_strict
+from trainer.models.image_tokenizer import ImageTokenizer, load_strict
 
 LOGIT_LAPLACE_EPS = 0.1  # OpenAI's `dall_e.utils.logit_laplace_eps`
 
@@ -393,126 +391,3 @@ class DvaeTokenizer(ImageTokenizer):
                 f"[{int(codes.min())}, {int(codes.max())}]"
             )
         return reconstruct(self.decoder.forward_codes(codes.long()), self.cfg.channels)
-
-
-# --------------------------------------------------------------------------------------------
-# OpenAI dall_e checkpoints -> a tokenizer directory
-# --------------------------------------------------------------------------------------------
-
-
-def _read_state_dict(path: str, storage=None) -> dict[str, torch.Tensor]:
-    """A state dict from `.safetensors` or a `torch.save`d dict (weights_only: no code runs)."""
-    from data_pipeline import fs
-
-    loc = fs.resolve(
-        path, endpoint_url=storage and storage.endpoint_url, region=storage and storage.region
-    )
-    data = fs.read_bytes(loc)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: not a plain state dict (it pickles code, e.g. OpenAI's encoder.pkl / "
-            f"decoder.pkl hold whole modules), and we never unpickle code. In a trusted "
-            f"environment with the `dall_e` package, run `torch.save(dall_e.load_model("
-            f"'{path}').state_dict(), 'encoder.pt')` (likewise for the decoder) and pass those "
-            f"files. ({str(e).splitlines()[0]})"
-        ) from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-    return obj
-
-
-def _need(sd: dict, key: str, path: str) -> torch.Tensor:
-    if key not in sd:
-        first = next(iter(sd), None)
-        raise ValueError(
-            f"{path}: missing key {key!r}: not an OpenAI dall_e state-dict layout "
-            f"(first key found: {first!r})"
-        )
-    return sd[key]
-
-
-def _count(sd: dict, prefix: str) -> int:
-    """Consecutive `<prefix>1.`, `<prefix>2.`, ... present in the keys."""
-    n = 0
-    while any(k.startswith(f"{prefix}{n + 1}.") for k in sd):
-        n += 1
-    return n
-
-
-def infer_openai_dvae_config(
-    enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], enc_path: str, dec_path: str
-) -> DvaeConfig:
-    """The DvaeConfig of an OpenAI Encoder/Decoder pair, read from the weight shapes alone."""
-    n_hid, channels, kw, _ = _need(enc, "blocks.input.w", enc_path).shape
-    vocab = _need(enc, "blocks.output.conv.w", enc_path).shape[0]
-    n_init, dec_vocab = _need(dec, "blocks.input.w", dec_path).shape[:2]
-    dec_out, dec_n_hid = _need(dec, "blocks.output.conv.w", dec_path).shape[:2]
-    groups = _count(enc, "blocks.group_")
-    dec_groups = _count(dec, "blocks.group_")
-    n_blk = _count(enc, "blocks.group_1.block_")
-    dec_n_blk = _count(dec, "blocks.group_1.block_")
-    if (vocab, channels, groups) != (dec_vocab, dec_out // 2, dec_groups):
-        raise ValueError(
-            f"{enc_path} and {dec_path} are not a pair: encoder (vocab {vocab}, channels "
-            f"{channels}, groups {groups}) vs decoder (vocab {dec_vocab}, channels "
-            f"{dec_out // 2}, groups {dec_groups})"
-        )
-    if not groups or not n_blk or not dec_n_blk:
-        raise ValueError(
-            f"{enc_path if not groups or not n_blk else dec_path}: missing key "
-            f"'blocks.group_1.block_1.res_path.conv_1.w': no residual groups found"
-        )
-    f = 2 ** (groups - 1)
-    return DvaeConfig(
-        image_size=32 * f,  # DALL-E's 32x32 grid; the weights do not fix a resolution
-        group_count=groups,
-        n_hid=int(n_hid),
-        n_blk_per_group=n_blk,
-        decoder_n_hid=int(dec_n_hid),
-        decoder_n_blk_per_group=dec_n_blk,
-        n_init=int(n_init),
-        vocab_size=int(vocab),
-        channels=int(channels),
-    )
-
-
-def convert_openai_dvae(
-    encoder_path: str, decoder_path: str, out_dir: str, *, storage=None
-) -> dict:
-    """OpenAI `dall_e` Encoder/Decoder state dicts (`torch.save(enc.state_dict())` files or
-    .safetensors) -> `out_dir/model.safetensors` + `out_dir/config.yaml`, a tokenizer directory
-    for `load_image_tokenizer`. Shapes are inferred from the weights and loaded strictly; a
-    whole pickled module (OpenAI's `encoder.pkl`) is refused, never unpickled."""
-    from safetensors.torch import save
-
-    from data_pipeline import fs
-    from trainer.config import StorageConfig, TrainConfig, to_yaml
-
-    enc = _read_state_dict(encoder_path, storage)
-    dec = _read_state_dict(decoder_path, storage)
-    cfg = infer_openai_dvae_config(enc, dec, encoder_path, decoder_path)
-    tok = DvaeTokenizer(cfg)
-    load_strict(tok.encoder, enc, what=encoder_path, layout="dVAE")
-    load_strict(tok.decoder, dec, what=decoder_path, layout="dVAE")
-    state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
-    storage = storage or StorageConfig()
-    out = fs.resolve(out_dir, endpoint_url=storage.endpoint_url, region=storage.region)
-    # No metadata: safetensors writes a metadata dict in no fixed order, and the fingerprint of
-    # a conversion should depend on the weights alone (convert twice -> same fingerprint).
-    weights = save(state)
-    fs.write_bytes_atomic(out.join(WEIGHTS), weights)
-    train_cfg = TrainConfig(name="openai-dvae", objective="dvae", dvae=cfg)
-    fs.write_bytes_atomic(out.join(CONFIG), to_yaml(train_cfg).encode())  # config last
-    return {
-        "out": out.uri,
-        "params": sum(v.numel() for v in state.values()),
-        "downsample": cfg.downsample,
-        "vocab_size": cfg.vocab_size,
-        "dvae": asdict(cfg),
-    }

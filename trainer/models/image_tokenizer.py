@@ -1,39 +1,20 @@
-"""One loading API for every image tokenizer: dVAE and VQGAN (discrete codes), KL-AE (latents).
+"""The image-tokenizer interface: dVAE and VQGAN (discrete codes), KL-AE (latents).
 
-    tok = load_image_tokenizer("runs/demo/train/dvae-digits")   # a run, a checkpoint, or a
-    codes = tok.encode(images)                                 # `t2i convert` output directory
-    recon = tok.decode(codes)
-
-Images are float32 tensors (B, 3, H, W) in [0, 1] (H and W multiples of `tok.downsample`).
-Discrete tokenizers return int64 codes (B, H/f, W/f) in [0, vocab_size); the KL autoencoder returns
-latents (B, C, H/f, W/f) already multiplied by its `scaling_factor` (so they have ~unit variance,
-as latent diffusion expects) and `decode` undoes that scaling.
-
-A tokenizer directory holds `model.safetensors` (the model's own state dict) and `config.yaml` (a
-`t2i train` config whose `objective` names the kind and whose section of that name is its shape).
-Every exported `t2i train` checkpoint is such a directory, and so is what `t2i convert` writes.
-A diffusers `AutoencoderKL` directory (`config.json` + `diffusion_pytorch_model.safetensors`, as
-Stable Diffusion's `vae/` folder) loads too, as a KL-AE with the `scaling_factor` of its config.
+`ImageTokenizer` is the base class of `DvaeTokenizer`, `VqganTokenizer` and `KlaeTokenizer`:
+`encode` images float32 (B, 3, H, W) in [0, 1] (H and W multiples of `downsample`) into int64
+codes (B, H/f, W/f) in [0, vocab_size) or, for the KL autoencoder, latents (B, C, H/f, W/f)
+already multiplied by `scaling_factor`; `decode` goes back to [0, 1]. `load_strict` is the strict
+state-dict load every tokenizer uses. Loading a tokenizer from a directory (`model.safetensors` +
+`config.yaml`, the names below) and converting ecosystem weights live in `trainer/tokenizers.py`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from data_pipeline import fs
-
-if TYPE_CHECKING:  # trainer.config imports the model modules, which subclass ImageTokenizer
-    from trainer.config import StorageConfig, TrainConfig
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"  # a tokenizer directory: the weights
+CONFIG = "config.yaml"  # ... and the `t2i train` config naming the kind and its shape
 
 
 def load_strict(
@@ -97,99 +78,3 @@ class ImageTokenizer(nn.Module):
         else:
             out.update(latent_channels=self.latent_channels, scaling_factor=self.scaling_factor)
         return out
-
-
-def _dvae(cfg: TrainConfig, state: dict) -> ImageTokenizer:
-    from trainer.models.dvae import DvaeTokenizer
-
-    return DvaeTokenizer.from_state(cfg.dvae, state)
-
-
-def _vqgan(cfg: TrainConfig, state: dict) -> ImageTokenizer:
-    from trainer.models.vqgan import VqganTokenizer
-
-    return VqganTokenizer.from_state(cfg.vqgan, state)
-
-
-def _klae(cfg: TrainConfig, state: dict) -> ImageTokenizer:
-    from trainer.models.klae import KlaeTokenizer
-
-    return KlaeTokenizer.from_state(cfg.klae, state)
-
-
-# objective name -> builder(config, state dict) -> tokenizer (strict loading inside each builder)
-BUILDERS: dict[str, Callable[[TrainConfig, dict], ImageTokenizer]] = {
-    "dvae": _dvae,
-    "vqgan": _vqgan,
-    "klae": _klae,
-}
-
-
-def _tokenizer_dir(loc: fs.Location) -> fs.Location:
-    """`loc` itself when it holds weights + config; else the newest complete checkpoint of the run
-    at `loc` that has exported weights."""
-    from trainer.checkpoint import find_exported
-
-    return find_exported(loc, weights=WEIGHTS, config=CONFIG, what="image tokenizer")
-
-
-def load_image_tokenizer(
-    path: str, *, storage: StorageConfig | None = None, device: str | torch.device = "cpu"
-) -> ImageTokenizer:
-    """Load a dVAE, VQGAN or KL-AE from a local or s3:// directory (see the module docstring).
-
-    Weights load with safetensors (no pickle) and `strict=True`; the tokenizer is in eval mode.
-    """
-    from safetensors.torch import load_file
-
-    from trainer.config import StorageConfig, TrainConfig, load_config
-
-    storage = storage or StorageConfig()
-    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
-    if _is_diffusers_dir(loc):
-        return _load_diffusers_klae(loc, device)
-    src = _tokenizer_dir(loc)
-    tmp = tempfile.mkdtemp(prefix="t2i-tokenizer-")
-    try:
-        for name in (WEIGHTS, CONFIG):
-            with open(os.path.join(tmp, name), "wb") as out:
-                out.write(fs.read_bytes(src.join(name)))
-        cfg = load_config(TrainConfig, os.path.join(tmp, CONFIG), require=False)
-        if cfg.objective not in BUILDERS:
-            raise ValueError(
-                f"{src.join(CONFIG).uri}: objective {cfg.objective!r} is not an image tokenizer "
-                f"(expected one of {', '.join(BUILDERS)})"
-            )
-        state = load_file(os.path.join(tmp, WEIGHTS))
-        _, digest = fs.file_digest(os.path.join(tmp, WEIGHTS))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tok = BUILDERS[cfg.objective](cfg, state)
-    tok.fingerprint = digest
-    return tok.to(device).eval()
-
-
-def _is_diffusers_dir(loc: fs.Location) -> bool:
-    from trainer.models.klae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS
-
-    return fs.exists(loc.join(DIFFUSERS_CONFIG)) and fs.exists(loc.join(DIFFUSERS_WEIGHTS))
-
-
-def _load_diffusers_klae(loc: fs.Location, device: str | torch.device) -> ImageTokenizer:
-    """A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)."""
-    import hashlib
-    import json
-
-    from safetensors.torch import load
-
-    from trainer.models.klae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, KlaeTokenizer
-
-    cfg_loc = loc.join(DIFFUSERS_CONFIG)
-    try:
-        config = json.loads(fs.read_bytes(cfg_loc))
-    except ValueError as e:
-        raise ValueError(f"{cfg_loc.uri}: not valid JSON: {e}") from None
-    weights = fs.read_bytes(loc.join(DIFFUSERS_WEIGHTS))
-    tok = KlaeTokenizer.from_diffusers(config, load(weights), source=cfg_loc.uri)
-    tok.fingerprint = hashlib.sha256(weights).hexdigest()
-    return tok.to(device).eval()

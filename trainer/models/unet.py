@@ -63,6 +63,11 @@ class UnetConfig:
     def latent_shape(self) -> list[int]:
         return [self.in_channels, self.sample_size, self.sample_size]
 
+    @classmethod
+    def from_preset(cls, name: str) -> UnetConfig:
+        """The named preset (configs accept `preset: NAME`, see `data_pipeline.config`)."""
+        return unet_preset(name)
+
 
 PRESETS: dict[str, dict] = {
     "tiny": {},  # the dataclass defaults: 1.1M parameters, for tests

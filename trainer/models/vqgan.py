@@ -18,17 +18,14 @@ This file is single-device torch only (no distributed code): the objective
 
 from __future__ import annotations
 
-import io
-import pickle
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer, load_strict
+from trainer.models.image_tokenizer import ImageTokenizer, load_strict
 from trainer.models.taming_modules import Decoder, Encoder
 
 LOSS_PREFIX = "loss."  # taming's loss module: `loss.discriminator.*`, `loss.perceptual_loss.*`
@@ -276,18 +273,6 @@ def autoencoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {k: v for k, v in state_dict.items() if not k.startswith(LOSS_PREFIX)}
 
 
-def read_init_state(path: str) -> dict[str, torch.Tensor]:
-    """The weights of `VqganConfig.init_from`: a safetensors file or a directory holding one."""
-    from safetensors.torch import load
-
-    from data_pipeline import fs
-
-    loc = fs.resolve(path)
-    if not path.endswith(".safetensors"):
-        loc = loc.join(WEIGHTS)
-    return load(fs.read_bytes(loc))
-
-
 class VqganTokenizer(ImageTokenizer, Vqgan):
     """Inference: images in [0, 1] -> int64 codes, codes -> images in [0, 1]. It is a `Vqgan`
     (same modules, so the same taming keys) with the tokenizer API on top."""
@@ -335,120 +320,3 @@ class VqganTokenizer(ImageTokenizer, Vqgan):
                 f"[{int(codes.min())}, {int(codes.max())}]"
             )
         return to_image_range(self.decode_quant(self.quantize.lookup(codes.long())))
-
-
-# --------------------------------------------------------------------------------------------
-# taming-transformers checkpoints -> a tokenizer directory
-# --------------------------------------------------------------------------------------------
-
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def read_taming_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """`state_dict` of a taming `.ckpt` (Lightning) or a `.safetensors` file, never unpickling
-    code: `torch.load(weights_only=True)` refuses any pickled global, and we name it."""
-    from data_pipeline import fs
-
-    data = fs.read_bytes(fs.resolve(path))
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _GLOBAL_RE.search(str(e))
-        name = found.group(1) if found else str(e).splitlines()[0]
-        raise ValueError(
-            f"{path}: the checkpoint pickles {name}, and we never unpickle code. In a trusted "
-            f"environment, re-save its weights only: `torch.save({{'state_dict': torch.load("
-            f"'{path}', weights_only=False)['state_dict']}}, 'weights.ckpt')` (or save them as "
-            f".safetensors) and pass that file."
-        ) from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
-    return sd
-
-
-def config_from_taming_yaml(path: str) -> VqganConfig:
-    """A VqganConfig from taming's model YAML (`model.params.{ddconfig, n_embed, embed_dim,
-    lossconfig.params}`)."""
-    import yaml
-
-    from data_pipeline import fs
-
-    doc = yaml.safe_load(fs.read_bytes(fs.resolve(path)).decode())
-    try:
-        params = doc["model"]["params"]
-        dd, n_embed, embed_dim = params["ddconfig"], params["n_embed"], params["embed_dim"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(
-            f"{path}: not a taming VQGAN config: missing key model.params.{e.args[0]}"
-        ) from None
-    loss = (params.get("lossconfig") or {}).get("params") or {}
-    known = {f for f in VqganConfig.__dataclass_fields__}
-    kwargs = {k: v for k, v in loss.items() if k in known}
-    if loss.get("use_actnorm"):
-        raise ValueError(f"{path}: lossconfig.params.use_actnorm=true is not supported")
-    if "disc_conditional" in loss and loss["disc_conditional"]:
-        raise ValueError(f"{path}: lossconfig.params.disc_conditional=true is not supported")
-    try:
-        return VqganConfig(
-            image_size=int(dd["resolution"]),
-            in_channels=int(dd["in_channels"]),
-            out_ch=int(dd["out_ch"]),
-            ch=int(dd["ch"]),
-            ch_mult=[int(m) for m in dd["ch_mult"]],
-            num_res_blocks=int(dd["num_res_blocks"]),
-            attn_resolutions=[int(r) for r in dd.get("attn_resolutions", [])],
-            dropout=float(dd.get("dropout", 0.0)),
-            z_channels=int(dd["z_channels"]),
-            double_z=bool(dd.get("double_z", False)),
-            n_embed=int(n_embed),
-            embed_dim=int(embed_dim),
-            **kwargs,
-        )
-    except KeyError as e:
-        raise ValueError(f"{path}: missing key model.params.ddconfig.{e.args[0]}") from None
-
-
-def convert_taming_vqgan(
-    ckpt_path: str, config_path: str, out_dir: str, *, keep_loss: bool = False
-) -> dict:
-    """taming `VQModel` checkpoint (+ its YAML) -> `out_dir/model.safetensors` + `config.yaml`,
-    a tokenizer directory for `load_image_tokenizer` (and a `t2i train` starting point).
-
-    The autoencoder keys load strictly (an error names the first missing/unexpected key);
-    `loss.discriminator.*` is kept with `keep_loss` (to resume GAN training), other `loss.*`
-    keys (LPIPS) are dropped."""
-    from safetensors.torch import save
-
-    from data_pipeline import fs
-    from trainer.config import TrainConfig, to_yaml
-
-    sd = read_taming_state_dict(ckpt_path)
-    cfg = config_from_taming_yaml(config_path)
-    tok = VqganTokenizer(cfg)
-    load_strict(tok, autoencoder_state(sd), what=ckpt_path, layout="VQGAN")
-    state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
-    if keep_loss:
-        from trainer.models.discriminator import DISC_PREFIX, NLayerDiscriminator
-
-        disc = NLayerDiscriminator(cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers)
-        disc_sd = {k[len(DISC_PREFIX) :]: v for k, v in sd.items() if k.startswith(DISC_PREFIX)}
-        load_strict(disc, disc_sd, what=f"{ckpt_path} ({DISC_PREFIX}*)", layout="VQGAN")
-        state.update({DISC_PREFIX + k: v.detach().contiguous() for k, v in disc_sd.items()})
-    out = fs.resolve(out_dir)
-    weights = save(state, metadata={"objective": "vqgan", "source": "taming-vqgan"})
-    fs.write_bytes_atomic(out.join(WEIGHTS), weights)
-    train_cfg = TrainConfig(name="taming-vqgan", objective="vqgan", vqgan=cfg)
-    fs.write_bytes_atomic(out.join(CONFIG), to_yaml(train_cfg).encode())  # config last
-    return {
-        "out": out.uri,
-        "params": sum(v.numel() for v in state.values()),
-        "downsample": cfg.downsample,
-        "vocab_size": cfg.n_embed,
-        "kept_loss_keys": sum(k.startswith(LOSS_PREFIX) for k in state),
-        "vqgan": asdict(cfg),
-    }

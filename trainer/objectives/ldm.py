@@ -160,7 +160,7 @@ class LdmObjective:
             path = self.l.autoencoder or recorded.get("path", "")
             if not path:
                 return None
-            from trainer.models.image_tokenizer import load_image_tokenizer
+            from trainer.tokenizers import load_image_tokenizer
 
             tok = load_image_tokenizer(path, storage=self.cfg.storage)
             if tok.fingerprint != recorded["fingerprint"]:

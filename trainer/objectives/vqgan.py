@@ -41,11 +41,11 @@ from trainer.models.vqgan import (
     compute_psnr,
     compute_vq_losses,
     load_strict,
-    read_init_state,
     to_image_range,
     to_model_range,
 )
 from trainer.recon import image_grid
+from trainer.tokenizers import read_init_state
 
 DISC = "discriminator"
 LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`

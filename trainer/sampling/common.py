@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import torch
 
 from data_pipeline import fs
-from trainer.config import StorageConfig, to_yaml
+from data_pipeline.config import StorageConfig, to_yaml
 from trainer.sampling.config import RerankClipSection, SampleConfig
 
 SAMPLES_FILE = "samples.jsonl"
@@ -74,8 +74,9 @@ def load_exported(path: str, storage: StorageConfig, objective: str, what: str):
     been trained with `objective`."""
     from safetensors.torch import load_file
 
+    from data_pipeline.config import load_config
     from trainer.checkpoint import find_exported
-    from trainer.config import TrainConfig, load_config
+    from trainer.config import TrainConfig
     from trainer.models.image_tokenizer import CONFIG, WEIGHTS
 
     loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline import fs
-from trainer.config import REQUIRED, RayConfig, StorageConfig
+from data_pipeline.config import REQUIRED, RayConfig, StorageConfig
 
 
 @dataclass

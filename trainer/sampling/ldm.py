@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from data_pipeline import fs
-from trainer.config import StorageConfig
+from data_pipeline.config import StorageConfig
 from trainer.diffusion import compute_guided
 from trainer.engine import DTYPES, resolve_precision
 from trainer.sampling.common import (
@@ -152,7 +152,7 @@ class LdmGenerator:
         from data_pipeline import token_dataset as T
         from data_pipeline.text_tokens import load_text_tokenizer
         from data_pipeline.tokenize_stages import EmbedText, TextEncoderSpec
-        from trainer.models.image_tokenizer import load_image_tokenizer
+        from trainer.tokenizers import load_image_tokenizer
 
         self.cfg, self.device = cfg, device
         s = cfg.sample

@@ -19,7 +19,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from trainer.config import from_dict
+from data_pipeline.config import from_dict
 from trainer.progress import Progress
 from trainer.sampling.ar import ArGenerator
 from trainer.sampling.common import (
