@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import time
 
 import numpy as np
@@ -38,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import columns as C
-from data_pipeline import fs
+from data_pipeline import fs, resumable
 from data_pipeline.clip_score import (
     ApplyClipThreshold,
     ClipScorer,
@@ -51,8 +50,9 @@ from data_pipeline.filters import ApplyFilters
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_pipeline.preprocess_config import PreprocessConfig
 from data_pipeline.ray_metrics import DataStageMetrics
+from data_pipeline.resumable import read_shard_task
 from data_pipeline.validate import DecodeImages
-from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
+from data_pipeline.webdataset_source import ReaderLimits, list_shards
 from data_pipeline.writer import (
     QUARANTINE_DIR,
     SHARD_STATS_DIR,
@@ -82,17 +82,6 @@ class PreprocessError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Phase 1 stages (run in Ray tasks; arguments are plain data)
 # --------------------------------------------------------------------------------------------
-
-
-def read_shard_task(item: dict, *, limits: ReaderLimits, endpoint_url, region) -> list[dict]:
-    """One input shard -> its rows, minus rows an earlier run already committed."""
-    rows = read_shard_rows(item[C.SOURCE_SHARD], limits, endpoint_url=endpoint_url, region=region)
-    skip = set(json.loads(item["skip"]))
-    for r in rows:
-        r[C.SHARD_IDX] = item[C.SHARD_IDX]
-        r[C.SOURCE_SHARD] = item[C.SOURCE_SHARD]
-        r[C.SHARD_ROWS] = len(rows)
-    return [r for r in rows if r[C.SEQ] not in skip]
 
 
 SCORED_COLUMNS = {
@@ -172,22 +161,9 @@ class _Ctx:
         return {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
 
 
-def _fault(phase: str, commits: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec and spec.split(":")[0] == phase and commits >= int(spec.split(":")[1]):
-        print(f"preprocess: fault injection: killing the driver after {commits} {phase} commits",
-              flush=True)  # fmt: skip
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def result_config(cfg: PreprocessConfig) -> dict:
     """The config values that determine the outputs (not paths, resources or credentials)."""
-    d = dataclasses.asdict(cfg)
-    for k in ("output", "storage", "ray", "keep_work", "max_bad_fraction", "decode_batch_size"):
-        d.pop(k)
-    for k in ("concurrency", "num_gpus", "num_cpus"):
-        d["clip"].pop(k)
-    return d
+    return resumable.result_config(cfg, extra=("max_bad_fraction",), pools=("clip",))
 
 
 def _check_plan(ctx: _Ctx) -> dict:
@@ -195,17 +171,9 @@ def _check_plan(ctx: _Ctx) -> dict:
     plan = {"inputs": ctx.shards, "config": result_config(ctx.cfg)}
     if ctx.cfg.clip.enabled and ctx.cfg.clip.checkpoint:
         plan["clip_checkpoint_sha256"] = fs.file_digest(ctx.cfg.clip.checkpoint)[1]
-    loc = ctx.out.join(WORK_DIR, "plan.json")
-    data = json.dumps(plan, indent=2, sort_keys=True).encode()
-    if fs.exists(loc):
-        if fs.read_bytes(loc) != data:
-            raise ValueError(
-                f"{ctx.out.uri} holds unfinished work from different inputs or settings "
-                f"({loc.uri}); use a new output path or delete that one"
-            )
-        ctx.log(f"preprocess: resuming unfinished work in {ctx.out.uri}")
-    else:
-        fs.write_bytes_atomic(loc, data)
+    resumable.record_plan(
+        ctx.out, plan, job="preprocess", differs="inputs or settings", log=ctx.log
+    )
     return plan
 
 
@@ -294,7 +262,7 @@ def _phase_score(ctx: _Ctx) -> list[tuple[str, dict]]:
         commits += 1
         rows += int(r["rows"])
         export.rows(rows, time.perf_counter() - t0)  # Ray dashboard: rows/s of this run
-        _fault("scored", commits)
+        resumable.fault_hook(FAULT_ENV, "scored", commits, job="preprocess", kill=True)
     ctx.log(f"preprocess: score: committed {rows} row(s) in {commits} part(s)")
     return _part_summaries(ctx)
 
@@ -412,7 +380,7 @@ def _phase_write(ctx: _Ctx, summaries: list[tuple[str, dict]]) -> None:
     commits = 0
     for _ in ds.map(write_shard_task, fn_kwargs=kwargs).iter_rows():
         commits += 1
-        _fault("clean", commits)
+        resumable.fault_hook(FAULT_ENV, "clean", commits, job="preprocess", kill=True)
     ctx.log(f"preprocess: write: committed {commits} shard(s)")
 
 

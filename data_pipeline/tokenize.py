@@ -17,7 +17,6 @@ deterministically) is written to `text_tokenizer.json` before any row is encoded
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -28,11 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import columns as C
-from data_pipeline import fs
+from data_pipeline import fs, resumable
 from data_pipeline import token_dataset as T
 from data_pipeline.manifest import MANIFEST_NAME, write_manifest
-from data_pipeline.preprocess import read_shard_task
 from data_pipeline.ray_metrics import DataStageMetrics
+from data_pipeline.resumable import read_shard_task
 from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
 from data_pipeline.tokenize_config import TokenizeConfig, check_config
 from data_pipeline.tokenize_stages import (
@@ -58,10 +57,6 @@ TEXT_TOKENIZER_FILE = "text_tokenizer.json"
 FAULT_ENV = "T2I_TOKENIZE_FAULT"  # "parts:K" or "shards:K": stop the driver after K commits
 
 
-class InjectedFault(RuntimeError):
-    """Raised by the fault hook (tests of resume): the driver stops as if killed."""
-
-
 @dataclass
 class _Ctx:
     cfg: TokenizeConfig
@@ -73,12 +68,6 @@ class _Ctx:
     @property
     def storage(self) -> dict:
         return {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
-
-
-def _fault(phase: str, commits: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec and spec.split(":")[0] == phase and commits >= int(spec.split(":")[1]):
-        raise InjectedFault(f"tokenize: fault injection after {commits} {phase} commit(s)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,24 +200,11 @@ def _write_empty_caption(ctx: _Ctx, text: TextTokenizer) -> dict:
 
 def _check_plan(ctx: _Ctx, body: dict) -> None:
     """Record (or, on a rerun, compare) what this output is being built from."""
-    d = dataclasses.asdict(ctx.cfg)
-    for k in ("output", "storage", "ray", "keep_work", "decode_batch_size"):
-        d.pop(k)
-    for sec in ("image_tokenizer", "text_encoder"):
-        for k in ("concurrency", "num_gpus", "num_cpus"):
-            d[sec].pop(k)
+    d = resumable.result_config(ctx.cfg, pools=("image_tokenizer", "text_encoder"))
     plan = {"inputs": ctx.shards, "config": d, "models": body}
-    loc = ctx.out.join(WORK_DIR, "plan.json")
-    data = json.dumps(plan, indent=2, sort_keys=True).encode()
-    if not fs.exists(loc):
-        fs.write_bytes_atomic(loc, data)
-    elif fs.read_bytes(loc) != data:
-        raise ValueError(
-            f"{ctx.out.uri} holds unfinished work from different inputs, settings or models "
-            f"({loc.uri}); use a new output path or delete that one"
-        )
-    else:
-        ctx.log(f"tokenize: resuming unfinished work in {ctx.out.uri}")
+    resumable.record_plan(
+        ctx.out, plan, job="tokenize", differs="inputs, settings or models", log=ctx.log
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +324,7 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
                 last = time.perf_counter()
                 ctx.log(f"tokenize: encoded {new_rows} row(s), {len(writes)}/{len(ctx.shards)} "
                         f"shard(s) writing/written, {new_rows / (last - t0):.1f} rows/s")  # fmt: skip
-            _fault("parts", commits)
+            resumable.fault_hook(FAULT_ENV, "parts", commits, job="tokenize", kill=False)
     for i in range(len(ctx.shards)):
         if i in total and rows[i] < total[i]:
             raise RuntimeError(f"tokenize: {ctx.shards[i]}: {rows[i]} of {total[i]} rows encoded")
@@ -357,7 +333,7 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
             writes[i] = writer.remote(item, **kwargs)
     for n, ref in enumerate(writes.values(), 1):
         ray.get(ref)
-        _fault("shards", n)
+        resumable.fault_hook(FAULT_ENV, "shards", n, job="tokenize", kill=False)
 
 
 def _finalize(ctx: _Ctx, body: dict) -> dict:

@@ -81,8 +81,6 @@ def build_deepspeed_config(
             stage3_gather_16bit_weights_on_model_save=True,
         )
     if e.offload_optimizer != "none":
-        if e.zero_stage == 0:
-            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
         offload: dict = {"device": e.offload_optimizer, "pin_memory": False}
         if e.offload_optimizer == "nvme":
             offload.update(nvme_path=e.nvme_path, buffer_count=4, fast_init=False)
@@ -224,6 +222,23 @@ def part_optimizer(cfg: TrainConfig, objective, part: str) -> OptimizerSection:
     return section(part) if section is not None else cfg.optimizer
 
 
+def check_config(cfg: TrainConfig, objective) -> None:
+    """Cross-field checks of the engine settings against each other and the objective. The
+    driver runs them before any worker starts (`trainer.launch.build_trainer`); every worker
+    runs them again before building engines."""
+    e = cfg.engine
+    if e.offload_optimizer != "none" and e.zero_stage == 0:
+        raise ValueError(
+            f"engine.offload_optimizer={e.offload_optimizer} needs engine.zero_stage >= 1 (got 0)"
+        )
+    parts = objective_parts(objective)
+    if len(parts) > 1 and e.zero_stage == 3:
+        raise ValueError(
+            f"objective={cfg.objective} trains {len(parts)} parts ({', '.join(parts)}) with an "
+            f"optimizer each, which needs engine.zero_stage <= 2 (got 3)"
+        )
+
+
 def initialize_parts(cfg: TrainConfig, objective, world_size: int) -> dict[str, object]:
     """One DeepSpeed engine per part of `objective`, in update order (see the module docstring).
 
@@ -232,15 +247,11 @@ def initialize_parts(cfg: TrainConfig, objective, world_size: int) -> dict[str, 
     one engine's module inside another's forward are not supported on ZeRO-3 partitions."""
     import deepspeed
 
+    check_config(cfg, objective)
     parts = objective_parts(objective)
     if len(parts) == 1:
         engine, _ = initialize(cfg, objective.build_model, world_size)
         return {parts[0]: engine}
-    if cfg.engine.zero_stage == 3:
-        raise ValueError(
-            f"objective={cfg.objective} trains {len(parts)} parts ({', '.join(parts)}) with an "
-            f"optimizer each, which needs engine.zero_stage <= 2 (got 3)"
-        )
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     modules = objective.build_parts()
     if list(modules) != list(parts):

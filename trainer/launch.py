@@ -11,6 +11,7 @@ import time
 
 from data_pipeline import fs
 from trainer.config import ScalingSection, TrainConfig
+from trainer.engine import check_config
 from trainer.loop import train_loop_per_worker
 from trainer.objectives import build_objective
 from trainer.progress import Progress
@@ -51,7 +52,9 @@ def build_trainer(cfg: TrainConfig):
     )
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    dataset = build_objective(cfg).dataset()
+    objective = build_objective(cfg)
+    check_config(cfg, objective)  # cross-field errors here, before any worker starts
+    dataset = objective.dataset()
     if cfg.data.cache:
         # Same order in every run (exact resume across `t2i train` invocations): the dataset
         # executes with its own copy of the DataContext, taken when it was built, so the flag

@@ -235,8 +235,6 @@ def convert_openai_dvae(
     .safetensors) -> `out_dir/model.safetensors` + `out_dir/config.yaml`, a tokenizer directory
     for `load_image_tokenizer`. Shapes are inferred from the weights and loaded strictly; a
     whole pickled module (OpenAI's `encoder.pkl`) is refused, never unpickled."""
-    from safetensors.torch import save
-
     enc = _read_state_dict(encoder_path, storage)
     dec = _read_state_dict(decoder_path, storage)
     cfg = infer_openai_dvae_config(enc, dec, encoder_path, decoder_path)
@@ -244,21 +242,38 @@ def convert_openai_dvae(
     load_strict(tok.encoder, enc, what=encoder_path, layout="dVAE")
     load_strict(tok.decoder, dec, what=decoder_path, layout="dVAE")
     state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
-    storage = storage or StorageConfig()
-    out = fs.resolve(out_dir, endpoint_url=storage.endpoint_url, region=storage.region)
     # No metadata: safetensors writes a metadata dict in no fixed order, and the fingerprint of
     # a conversion should depend on the weights alone (convert twice -> same fingerprint).
-    weights = save(state)
-    fs.write_bytes_atomic(out.join(WEIGHTS), weights)
-    train_cfg = TrainConfig(name="openai-dvae", objective="dvae", dvae=cfg)
+    return _write_tokenizer_dir(
+        out_dir,
+        state,
+        TrainConfig(name="openai-dvae", objective="dvae", dvae=cfg),
+        storage=storage,
+        downsample=cfg.downsample,
+        vocab_size=cfg.vocab_size,
+        dvae=asdict(cfg),
+    )
+
+
+def _write_tokenizer_dir(
+    out_dir: str,
+    state: dict[str, torch.Tensor],
+    train_cfg: TrainConfig,
+    *,
+    storage=None,
+    metadata: dict[str, str] | None = None,
+    **summary,
+) -> dict:
+    """A converter's output: `state` (with safetensors `metadata`, if any) to
+    `out_dir/model.safetensors`, then `train_cfg` to `out_dir/config.yaml` (last, so a directory
+    with a config is complete). Returns {"out", "params", **summary}."""
+    from safetensors.torch import save
+
+    storage = storage or StorageConfig()
+    out = fs.resolve(out_dir, endpoint_url=storage.endpoint_url, region=storage.region)
+    fs.write_bytes_atomic(out.join(WEIGHTS), save(state, metadata=metadata))
     fs.write_bytes_atomic(out.join(CONFIG), to_yaml(train_cfg).encode())  # config last
-    return {
-        "out": out.uri,
-        "params": sum(v.numel() for v in state.values()),
-        "downsample": cfg.downsample,
-        "vocab_size": cfg.vocab_size,
-        "dvae": asdict(cfg),
-    }
+    return {"out": out.uri, "params": sum(v.numel() for v in state.values()), **summary}
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,8 +357,6 @@ def convert_taming_vqgan(
     The autoencoder keys load strictly (an error names the first missing/unexpected key);
     `loss.discriminator.*` is kept with `keep_loss` (to resume GAN training), other `loss.*`
     keys (LPIPS) are dropped."""
-    from safetensors.torch import save
-
     sd = read_taming_state_dict(ckpt_path)
     cfg = config_from_taming_yaml(config_path)
     tok = VqganTokenizer(cfg)
@@ -354,16 +367,13 @@ def convert_taming_vqgan(
         disc_sd = {k[len(DISC_PREFIX) :]: v for k, v in sd.items() if k.startswith(DISC_PREFIX)}
         load_strict(disc, disc_sd, what=f"{ckpt_path} ({DISC_PREFIX}*)", layout="VQGAN")
         state.update({DISC_PREFIX + k: v.detach().contiguous() for k, v in disc_sd.items()})
-    out = fs.resolve(out_dir)
-    weights = save(state, metadata={"objective": "vqgan", "source": "taming-vqgan"})
-    fs.write_bytes_atomic(out.join(WEIGHTS), weights)
-    train_cfg = TrainConfig(name="taming-vqgan", objective="vqgan", vqgan=cfg)
-    fs.write_bytes_atomic(out.join(CONFIG), to_yaml(train_cfg).encode())  # config last
-    return {
-        "out": out.uri,
-        "params": sum(v.numel() for v in state.values()),
-        "downsample": cfg.downsample,
-        "vocab_size": cfg.n_embed,
-        "kept_loss_keys": sum(k.startswith(LOSS_PREFIX) for k in state),
-        "vqgan": asdict(cfg),
-    }
+    return _write_tokenizer_dir(
+        out_dir,
+        state,
+        TrainConfig(name="taming-vqgan", objective="vqgan", vqgan=cfg),
+        metadata={"objective": "vqgan", "source": "taming-vqgan"},
+        downsample=cfg.downsample,
+        vocab_size=cfg.n_embed,
+        kept_loss_keys=sum(k.startswith(LOSS_PREFIX) for k in state),
+        vqgan=asdict(cfg),
+    )

@@ -14,9 +14,10 @@ from PIL import Image
 from data_pipeline import fs
 from data_pipeline.config import load_config, to_yaml
 from data_pipeline.manifest import ManifestError
+from data_pipeline.resumable import InjectedFault
 from data_pipeline.shards import write_shards
 from data_pipeline.token_dataset import check_compatible, read_token_dataset
-from data_pipeline.tokenize import FAULT_ENV, InjectedFault, run_tokenize
+from data_pipeline.tokenize import FAULT_ENV, run_tokenize
 from data_pipeline.tokenize_config import TokenizeConfig
 from trainer.config import TrainConfig
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer

@@ -16,16 +16,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.models.attention import (
-    MASK_KINDS,
-    SelfAttention,
-    SeqLayout,
-    attend,
-    attention_schedule,
-    build_attention_mask,
-    mask_rows,
-    sparse_attend,
-)
+from trainer.models.attention import SelfAttention, SeqLayout, attend, sparse_attend
+from trainer.models.masks import MASK_KINDS, attention_schedule, build_attention_mask, mask_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,14 +15,13 @@ from trainer.models.dvae import (
     Dvae,
     DvaeConfig,
     DvaeTokenizer,
-    compute_code_usage,
     compute_gumbel_softmax,
     compute_kl_to_uniform,
     compute_logit_laplace_nll,
-    compute_psnr,
     map_pixels,
     unmap_pixels,
 )
+from trainer.models.image_tokenizer import compute_code_usage, compute_psnr
 from trainer.objectives.dvae import compute_gumbel_tau, compute_kl_weight
 from trainer.recon import image_grid
 

@@ -47,6 +47,21 @@ def test_several_parts_refuse_zero3(tmp_path):
         initialize_parts(cfg, VqganObjective(cfg), 1)
 
 
+def test_driver_refuses_cross_field_errors_before_any_worker_starts(tmp_path):
+    """`build_trainer` (the driver) raises before Ray Train is asked for anything: no workers,
+    no dataset execution."""
+    from trainer.launch import build_trainer
+
+    cfg = vqgan_train_config(tmp_path, "z3d", tmp_path, "engine.zero_stage=3")
+    with pytest.raises(ValueError, match=r"2 parts \(model, discriminator\).*zero_stage <= 2"):
+        build_trainer(cfg)
+    cfg = vqgan_train_config(
+        tmp_path, "off", tmp_path, "engine.zero_stage=0", "engine.offload_optimizer=cpu"
+    )
+    with pytest.raises(ValueError, match=r"offload_optimizer=cpu needs engine.zero_stage >= 1"):
+        build_trainer(cfg)
+
+
 def exported(storage: Path, name: str, step: int) -> dict[str, torch.Tensor]:
     steps = dict(ck.list_complete(fs.resolve(str(storage)).join(name)))
     assert step in steps, sorted(steps)

@@ -15,11 +15,11 @@ from trainer.models.discriminator import (
     compute_adaptive_weight,
     compute_conv_weight_grads,
 )
+from trainer.models.image_tokenizer import compute_code_usage
 from trainer.models.vqgan import (
     Vqgan,
     VqganConfig,
     VqganTokenizer,
-    compute_code_usage,
 )
 from trainer.tokenizers import convert_taming_vqgan, load_image_tokenizer
 

@@ -1,6 +1,6 @@
 """The DALL-E transformer: a decoder-only model over [BOS] + text + image tokens, single device.
 
-Sequence and positions are documented in `trainer.models.attention`. In short: the model reads
+Sequence and positions are documented in `trainer.models.masks`. In short: the model reads
 BOS + text_len text tokens + the first grid**2 - 1 image codes (L = text_len + grid**2 input
 positions); `text_logits[:, i]` predicts text token i and `image_logits[:, j]` image code j.
 
@@ -28,14 +28,13 @@ from torch import nn
 
 from trainer.models.attention import (
     ATTN_IMPLS,
-    ATTN_PATTERNS,
     KVCache,
     Linear,
     SelfAttention,
     SeqLayout,
-    attention_schedule,
     local_window,
 )
+from trainer.models.masks import ATTN_PATTERNS, attention_schedule
 
 
 @dataclass
@@ -128,6 +127,10 @@ class DalleConfig:
         return dalle_preset(name)
 
 
+# The paper's data shapes (Ramesh et al. 2021): 16384 BPE ids x 256 text tokens, 8192 image codes
+# on a 32x32 grid; the sizes below differ in width and depth only.
+PAPER_SHAPES = dict(text_vocab=16384, text_len=256, image_vocab=8192, image_grid=32, conv_kernel=11)
+
 PRESETS: dict[str, dict] = {
     # unit tests and smoke runs: milliseconds per step
     "tiny": dict(
@@ -140,7 +143,7 @@ PRESETS: dict[str, dict] = {
         heads=4,
         head_dim=16,
         conv_kernel=3,
-    ),
+    ),  # fmt: skip
     # the bundled digits demo: trains in minutes on 2 CPU cores. Full causal attention: on an 8x8
     # grid sparsity saves little, and with only 4 layers the row/column schedule cannot connect
     # every earlier cell of the image to the next one.
@@ -155,43 +158,10 @@ PRESETS: dict[str, dict] = {
         head_dim=32,
         attn_pattern="full",
         conv_kernel=5,
-    ),
-    # ~0.35B: GPT-2-medium widths at DALL-E sequence length
-    "350m": dict(
-        text_vocab=16384,
-        text_len=256,
-        image_vocab=8192,
-        image_grid=32,
-        dim=1024,
-        depth=24,
-        heads=16,
-        head_dim=64,
-        conv_kernel=11,
-    ),
-    # ~1.3B
-    "1b3": dict(
-        text_vocab=16384,
-        text_len=256,
-        image_vocab=8192,
-        image_grid=32,
-        dim=2048,
-        depth=24,
-        heads=16,
-        head_dim=128,
-        conv_kernel=11,
-    ),
-    # the paper (Ramesh et al. 2021): 64 layers, 62 heads x 64 = 3968, 12B parameters
-    "12b": dict(
-        text_vocab=16384,
-        text_len=256,
-        image_vocab=8192,
-        image_grid=32,
-        dim=3968,
-        depth=64,
-        heads=62,
-        head_dim=64,
-        conv_kernel=11,
-    ),
+    ),  # fmt: skip
+    "350m": dict(PAPER_SHAPES, dim=1024, depth=24, heads=16, head_dim=64),  # GPT-2-medium widths
+    "1b3": dict(PAPER_SHAPES, dim=2048, depth=24, heads=16, head_dim=128),
+    "12b": dict(PAPER_SHAPES, dim=3968, depth=64, heads=62, head_dim=64),  # the paper: 62 x 64
 }
 
 

@@ -159,20 +159,6 @@ def compute_recon_loss(kind: str, stats: torch.Tensor, images: torch.Tensor) -> 
     raise ValueError(f"dvae.recon_loss must be 'mse' or 'logit_laplace', got {kind!r}")
 
 
-def compute_psnr(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio (dB) of images in [0, 1], over the whole batch."""
-    mse = F.mse_loss(recon.float(), images.float())
-    return -10.0 * torch.log10(mse.clamp_min(1e-10))
-
-
-def compute_code_usage(codes: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fraction of the K codes used, perplexity exp(H) of the code histogram) of int codes."""
-    counts = torch.bincount(codes.reshape(-1), minlength=vocab_size).float()
-    p = counts / counts.sum()
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    return (counts > 0).float().mean(), entropy.exp()
-
-
 # --------------------------------------------------------------------------------------------
 # Modules (names and shapes are OpenAI's: see the module docstring)
 # --------------------------------------------------------------------------------------------
@@ -363,14 +349,7 @@ class DvaeTokenizer(ImageTokenizer):
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images float (B, C, H, W) in [0, 1] -> code logits (B, K, H/f, W/f), float32."""
-        c, f = self.cfg.channels, self.downsample
-        if images.dim() != 4 or images.shape[1] != c or images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(
-                f"dvae.encode: expected images (B, {c}, H, W) with H, W multiples of {f}, "
-                f"got {tuple(images.shape)}"
-            )
-        if not images.is_floating_point():
-            raise ValueError(f"dvae.encode: images must be float in [0, 1], got {images.dtype}")
+        self.check_images(images, self.cfg.channels)
         return self.encoder(map_pixels(images.float())).float()
 
     @torch.no_grad()
@@ -381,13 +360,5 @@ class DvaeTokenizer(ImageTokenizer):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """int codes (B, h, w) in [0, K) -> float32 images (B, C, h*f, w*f) in [0, 1]."""
-        if codes.dim() != 3 or codes.is_floating_point():
-            raise ValueError(
-                f"dvae.decode: expected int codes (B, h, w), got {codes.dtype} {tuple(codes.shape)}"
-            )
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise ValueError(
-                f"dvae.decode: codes must lie in [0, {self.vocab_size}), got "
-                f"[{int(codes.min())}, {int(codes.max())}]"
-            )
+        self.check_codes(codes)
         return reconstruct(self.decoder.forward_codes(codes.long()), self.cfg.channels)

@@ -4,13 +4,15 @@
 `encode` images float32 (B, 3, H, W) in [0, 1] (H and W multiples of `downsample`) into int64
 codes (B, H/f, W/f) in [0, vocab_size) or, for the KL autoencoder, latents (B, C, H/f, W/f)
 already multiplied by `scaling_factor`; `decode` goes back to [0, 1]. `load_strict` is the strict
-state-dict load every tokenizer uses. Loading a tokenizer from a directory (`model.safetensors` +
+state-dict load every tokenizer uses; `compute_psnr` and `compute_code_usage` are the
+reconstruction / codebook metrics the tokenizer objectives log. Loading a tokenizer from a directory (`model.safetensors` +
 `config.yaml`, the names below) and converting ecosystem weights live in `trainer/tokenizers.py`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS = "model.safetensors"  # a tokenizer directory: the weights
@@ -44,6 +46,22 @@ def load_strict(
     module.load_state_dict(state_dict, strict=True)
 
 
+def compute_psnr(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio (dB) of images in [0, 1], over the whole batch (fp32; the MSE
+    is floored at 1e-10, so identical images give 100 dB, not inf)."""
+    mse = F.mse_loss(recon.float(), images.float())
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+def compute_code_usage(codes: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fraction of the K codes used, perplexity exp(H) of the code histogram) of int codes.
+    No codes at all give (0, 1), not NaN."""
+    counts = torch.bincount(codes.reshape(-1), minlength=vocab_size).float()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return (counts > 0).float().mean(), entropy.exp()
+
+
 class ImageTokenizer(nn.Module):
     """Base of the image tokenizers: `encode` images in [0, 1], `decode` back to [0, 1]."""
 
@@ -60,6 +78,34 @@ class ImageTokenizer(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_images(self, images: torch.Tensor, channels: int) -> None:
+        """Raise ValueError unless `images` is float (B, `channels`, H, W), H and W multiples of
+        `downsample` (what `encode` accepts)."""
+        c, f = channels, self.downsample
+        if images.dim() != 4 or images.shape[1] != c or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(
+                f"{self.kind}.encode: expected images (B, {c}, H, W) with H, W multiples of {f}, "
+                f"got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"{self.kind}.encode: images must be float in [0, 1], got {images.dtype}"
+            )
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """Raise ValueError unless `codes` is an int (B, h, w) grid in [0, vocab_size) (what a
+        discrete `decode` accepts)."""
+        if codes.dim() != 3 or codes.is_floating_point():
+            raise ValueError(
+                f"{self.kind}.decode: expected int codes (B, h, w), got {codes.dtype} "
+                f"{tuple(codes.shape)}"
+            )
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.vocab_size):
+            raise ValueError(
+                f"{self.kind}.decode: codes must lie in [0, {self.vocab_size}), got "
+                f"[{int(codes.min())}, {int(codes.max())}]"
+            )
 
     def grid(self, image_size: int) -> int:
         """Side of the code grid (or latent) for square images of `image_size`."""

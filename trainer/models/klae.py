@@ -259,14 +259,7 @@ class KlaeTokenizer(ImageTokenizer):
         return tok
 
     def _moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.downsample
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(
-                f"klae.encode: expected images (B, 3, H, W) with H, W multiples of {f}, "
-                f"got {tuple(images.shape)}"
-            )
-        if not images.is_floating_point():
-            raise ValueError(f"klae.encode: images must be float in [0, 1], got {images.dtype}")
+        self.check_images(images, 3)
         x = images.float() * 2.0 - 1.0
         return self.quant_conv(self.encoder(x)).float().chunk(2, dim=1)
 

@@ -156,20 +156,6 @@ def compute_vq_losses(z: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor,
     return codebook, commitment
 
 
-def compute_code_usage(codes: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fraction of the K codes used, perplexity exp(H) of the code histogram) of int codes."""
-    counts = torch.bincount(codes.reshape(-1), minlength=vocab_size).float()
-    p = counts / counts.sum().clamp_min(1)
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    return (counts > 0).float().mean(), entropy.exp()
-
-
-def compute_psnr(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio (dB) of images in [0, 1], over the whole batch."""
-    mse = F.mse_loss(recon.float(), images.float())
-    return -10.0 * torch.log10(mse.clamp_min(1e-10))
-
-
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
@@ -295,28 +281,12 @@ class VqganTokenizer(ImageTokenizer, Vqgan):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images float (B, C, H, W) in [0, 1] -> int64 codes (B, H/f, W/f)."""
-        c, f = self.cfg.in_channels, self.downsample
-        if images.dim() != 4 or images.shape[1] != c or images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(
-                f"vqgan.encode: expected images (B, {c}, H, W) with H, W multiples of {f}, "
-                f"got {tuple(images.shape)}"
-            )
-        if not images.is_floating_point():
-            raise ValueError(f"vqgan.encode: images must be float in [0, 1], got {images.dtype}")
+        self.check_images(images, self.cfg.in_channels)
         z_e = self.encode_pre_quant(to_model_range(images.to(self.quant_conv.weight.dtype)))
         return self.quantize.codes(z_e)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """int codes (B, h, w) in [0, K) -> float32 images (B, C, h*f, w*f) in [0, 1]."""
-        if codes.dim() != 3 or codes.is_floating_point():
-            raise ValueError(
-                f"vqgan.decode: expected int codes (B, h, w), got {codes.dtype} "
-                f"{tuple(codes.shape)}"
-            )
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise ValueError(
-                f"vqgan.decode: codes must lie in [0, {self.vocab_size}), got "
-                f"[{int(codes.min())}, {int(codes.max())}]"
-            )
+        self.check_codes(codes)
         return to_image_range(self.decode_quant(self.quantize.lookup(codes.long())))

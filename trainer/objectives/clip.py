@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.image_text import CAPTION, IMAGE, image_text_dataset
+from data_pipeline.image_text import CAPTION, IMAGE
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
+from trainer.objectives.common import shard_dataset
 
 TEXT = "text"  # int64 (B, context_length): open_clip BPE tokens
 
@@ -77,18 +78,7 @@ class ClipObjective:
         return model
 
     def dataset(self):
-        d = self.cfg.data
-        if d.source != "shards" or not d.path:
-            raise ValueError(
-                "objective=clip trains on image-text shards: set data.source=shards "
-                "and data.path to a shards dir, glob or s3:// prefix"
-            )
-        ds = image_text_dataset(
-            d.path,
-            size=self.image_size,
-            endpoint_url=self.cfg.storage.endpoint_url,
-            region=self.cfg.storage.region,
-        )
+        ds = shard_dataset(self.cfg, self.name, size=self.image_size)
         return ds.map_batches(
             ClipTokenize,
             fn_constructor_args=(self.cfg.clip.model, self.cfg.clip.model_config),

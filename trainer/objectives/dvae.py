@@ -16,18 +16,18 @@ import math
 import numpy as np
 import torch
 
-from data_pipeline.image_text import IMAGE, image_text_dataset
+from data_pipeline.image_text import IMAGE
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
 from trainer.models.dvae import (
     Dvae,
-    compute_code_usage,
     compute_kl_to_uniform,
-    compute_psnr,
     compute_recon_loss,
     map_pixels,
     reconstruct,
 )
+from trainer.models.image_tokenizer import compute_code_usage, compute_psnr
+from trainer.objectives.common import shard_dataset
 from trainer.recon import image_grid
 
 LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`
@@ -67,19 +67,7 @@ class DvaeObjective:
         return model
 
     def dataset(self):
-        d = self.cfg.data
-        if d.source != "shards" or not d.path:
-            raise ValueError(
-                "objective=dvae trains on image-text shards: set data.source=shards "
-                "and data.path to a shards dir, glob or s3:// prefix"
-            )
-        ds = image_text_dataset(
-            d.path,
-            size=self.model_cfg.image_size,
-            endpoint_url=self.cfg.storage.endpoint_url,
-            region=self.cfg.storage.region,
-        )
-        return ds.select_columns([IMAGE])  # captions are not used (and strings do not batch)
+        return shard_dataset(self.cfg, self.name, size=self.model_cfg.image_size, images_only=True)
 
     def on_step(self, step: int) -> None:
         """Loop hook, before each micro-batch: the schedules follow the optimizer step."""

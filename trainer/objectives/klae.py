@@ -16,10 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.image_text import IMAGE, image_text_dataset
+from data_pipeline.image_text import IMAGE
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
+from trainer.models.image_tokenizer import compute_psnr
 from trainer.models.klae import SCALE_KEY, Klae, KlaeConfig, compute_kl, compute_scaling_factor
+from trainer.objectives.common import shard_dataset
 from trainer.recon import image_grid, pixels_to_unit
 
 GRID_IMAGES = 8  # originals over reconstructions in the logged PNG grid
@@ -63,19 +65,14 @@ class KlaeObjective:
         return Klae(self.k)
 
     def dataset(self):
-        d = self.cfg.data
-        if d.source != "shards" or not d.path:
-            raise ValueError(
-                "objective=klae trains on image shards: set data.source=shards and data.path to "
-                "a shards dir, glob or s3:// prefix (e.g. `t2i preprocess` output's shards/)"
-            )
-        ds = image_text_dataset(
-            d.path,
+        return shard_dataset(  # captions play no part in the autoencoder
+            self.cfg,
+            self.name,
             size=self.k.image_size,
-            endpoint_url=self.cfg.storage.endpoint_url,
-            region=self.cfg.storage.region,
+            what="image shards",
+            hint=" (e.g. `t2i preprocess` output's shards/)",
+            images_only=True,
         )
-        return ds.select_columns([IMAGE])  # captions play no part in the autoencoder
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         images = batch[IMAGE]  # uint8 (B, S, S, 3)
@@ -87,8 +84,7 @@ class KlaeObjective:
         kl = compute_kl(mean, logvar).mean()  # nats per image
         loss = rec + self.k.kl_weight * kl / x[0].numel()  # per pixel value, SD's weighting
         with torch.no_grad():
-            mse = F.mse_loss((recon.float().clamp(-1, 1) + 1.0) / 2.0, x)
-            psnr = -10.0 * torch.log10(mse.clamp_min(1e-10))
+            psnr = compute_psnr((recon.float().clamp(-1, 1) + 1.0) / 2.0, x)
             metrics = {
                 "recon_loss": rec.detach(),
                 "kl": kl.detach(),

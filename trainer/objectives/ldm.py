@@ -242,7 +242,7 @@ def write_diffusers_unet(folder: str, cfg, weights: dict[str, torch.Tensor]) -> 
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     prefix = "unet."
-    state = {k[len(prefix):]: v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
     save_safetensors(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 

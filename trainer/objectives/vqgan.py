@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.image_text import IMAGE, image_text_dataset
+from data_pipeline.image_text import IMAGE
 from trainer.config import OptimizerSection, TrainConfig
 from trainer.engine import MODEL, export_module_state, set_full_param
 from trainer.models.discriminator import (
@@ -34,16 +34,16 @@ from trainer.models.discriminator import (
     compute_adaptive_weight,
     compute_conv_weight_grads,
 )
+from trainer.models.image_tokenizer import compute_code_usage, compute_psnr
 from trainer.models.vqgan import (
     Vqgan,
     autoencoder_state,
-    compute_code_usage,
-    compute_psnr,
     compute_vq_losses,
     load_strict,
     to_image_range,
     to_model_range,
 )
+from trainer.objectives.common import shard_dataset
 from trainer.recon import image_grid
 from trainer.tokenizers import read_init_state
 
@@ -118,19 +118,7 @@ class VqganObjective:
         self.step = step
 
     def dataset(self):
-        d = self.cfg.data
-        if d.source != "shards" or not d.path:
-            raise ValueError(
-                "objective=vqgan trains on image-text shards: set data.source=shards "
-                "and data.path to a shards dir, glob or s3:// prefix"
-            )
-        ds = image_text_dataset(
-            d.path,
-            size=self.model_cfg.image_size,
-            endpoint_url=self.cfg.storage.endpoint_url,
-            region=self.cfg.storage.region,
-        )
-        return ds.select_columns([IMAGE])  # captions are not used (and strings do not batch)
+        return shard_dataset(self.cfg, self.name, size=self.model_cfg.image_size, images_only=True)
 
     def images(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 (B, S, S, C) rows -> (B, C, S, S) in [-1, 1], in the model's dtype."""
