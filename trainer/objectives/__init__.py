@@ -10,20 +10,44 @@ An objective provides:
 Optional hooks (the loop calls them when present):
     on_step(step)                              before each micro-batch: schedules follow the step
     log_images(engine, batch) -> {name: uint8 (H, W, 3)}   at log steps (eval mode, no grad)
+    callbacks                                  loop events (`on_engines`, `on_step_end`) with
+                                               per-rank checkpointed state, e.g. the EMA
+    write_export(local_dir, weights)           an ecosystem layout beside model.safetensors
 
 Several parts, an optimizer each (a GAN; see trainer/engine.py): declare `parts = ("model",
 "discriminator")` and `build_parts() -> {part: nn.Module}` instead of `build_model`; optionally
 `optimizer_section(part)` and `active_parts(step)`. Such objectives receive the dict of engines by
 part (`loss(engines, batch, part)`, `log_images(engines, batch)`, `export_state_dict(engines)`).
 
-The registry maps the config's `objective:` name to a builder (no import strings in YAML).
+`Objective` states the required part as a typed Protocol; `tests/trainer/test_objectives.py`
+checks every registered objective against it. The registry maps the config's `objective:` name to
+a builder (no import strings in YAML).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from trainer.config import TrainConfig
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What every objective provides (single-part: `build_model`; several parts: `parts` and
+    `build_parts` instead, see above)."""
+
+    name: str
+
+    def dataset(self) -> Any: ...  # ray.data.Dataset
+
+    def loss(self, engine: Any, batch: dict, *part: str) -> tuple[Any, dict]: ...
+
+    def tokens_in_batch(self, batch: dict) -> int: ...
+
+    def flops_per_token(self) -> float: ...
+
+    def export_state_dict(self, engine: Any) -> dict | None: ...
 
 
 def _dalle(cfg: TrainConfig):
@@ -72,7 +96,7 @@ OBJECTIVES: dict[str, Callable] = {
 }
 
 
-def build_objective(cfg: TrainConfig):
+def build_objective(cfg: TrainConfig) -> Objective:
     try:
         return OBJECTIVES[cfg.objective](cfg)
     except KeyError:
