@@ -29,7 +29,8 @@ STEPS = 4  # checkpoint at 2 and 4; the resumed run takes step 5
 
 
 def tiny_overrides(objective: str, digits: str) -> tuple[str, list[str]]:
-    """(config file, overrides): the test suite's tiny sizes of each objective."""
+    """(config file, overrides): the tiny sizes of each objective, shared with the CPU
+    collective guard (tests/trainer/test_device_guard.py)."""
     shards = f"data.path={digits}/train"
     table = {
         "dalle": ("dalle_tiny.yaml", []),
@@ -48,12 +49,12 @@ def tiny_overrides(objective: str, digits: str) -> tuple[str, list[str]]:
                 "vqgan.n_embed=16",
                 "vqgan.z_channels=8",
                 "vqgan.embed_dim=4",
-                "vqgan.disc_ndf=8",
-                "vqgan.disc_start=0",
-                "vqgan.dead_code_every=1",
+                "vqgan_train.disc_ndf=8",
+                "vqgan_train.disc_start=0",  # both parts step from the start
+                "vqgan_train.dead_code_every=1",  # the restart's collectives run at step 1
             ],
         ),
-        "klae": ("klae_digits.yaml", [shards, "klae.scale_batches=1"]),
+        "klae": ("klae_digits.yaml", [shards, "klae_train.scale_batches=1"]),
     }
     if objective not in table:
         raise ValueError(f"gpu_smoke: no tiny config for objective {objective!r}; add one here")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -36,12 +35,13 @@ import time
 
 import torch
 
+from benchmarks.common import fit_logged, offload_overrides, offloaded_run
 from data_pipeline.config import RayConfig, load_config
 from jobs.common import init_ray
 from trainer.config import TrainConfig
 from trainer.diffusion import NoiseSchedule, compute_noisy
 from trainer.engine import resolve_precision
-from trainer.launch import fit, worker_env
+from trainer.launch import worker_env
 from trainer.models.unet import Unet, diffusers_config, unet_preset
 from trainer.objectives.ldm import SYNTHETIC_TEXT_LEN
 
@@ -54,12 +54,6 @@ def engine_cfg(name: str, storage: str, *overrides: str) -> TrainConfig:
         "checkpoint.every_steps=0", "checkpoint.at_end=false", "failure_max_retries=0",
         "data.source=synthetic", "optimizer.warmup_steps=1", *overrides,
     ])  # fmt: skip
-
-
-def read_metrics(storage: str, name: str) -> list[dict]:
-    """The rows a run logged to its metrics.jsonl (no checkpoint is written: read the log)."""
-    with open(os.path.join(storage, name, "tensorboard", "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _fmt(rates: list[float]) -> str:
@@ -143,15 +137,15 @@ def main() -> None:
 
     init_ray(RayConfig(num_cpus=cores + 2, dashboard=False), runtime_env={"env_vars": worker_env()})
     # One log window of start-up, then `windows` steady-state windows of `steps` steps.
-    res = fit(engine_cfg("ratio", storage, "unet.preset=digits", "scaling.num_workers=1",
-                         f"scaling.cpus_per_worker={cores}", f"engine.zero_stage={args.zero_stage}",
-                         f"engine.precision={precision}",
-                         f"data.batch_size={BATCH}", f"steps={(args.windows + 1) * args.steps}",
-                         f"log_every={args.steps}", f"data.synthetic_samples={BATCH * 64}",
-                         "data.cache=true"))  # fmt: skip
-    if res.error:
-        raise res.error
-    engine_rates = [r["samples_per_s"] for r in read_metrics(storage, "ratio")[1:]]
+    rows = fit_logged(engine_cfg("ratio", storage, "unet.preset=digits", "scaling.num_workers=1",
+                                 f"scaling.cpus_per_worker={cores}",
+                                 f"engine.zero_stage={args.zero_stage}",
+                                 f"engine.precision={precision}",
+                                 f"data.batch_size={BATCH}",
+                                 f"steps={(args.windows + 1) * args.steps}",
+                                 f"log_every={args.steps}", f"data.synthetic_samples={BATCH * 64}",
+                                 "data.cache=true"))  # fmt: skip
+    engine_rates = [r["samples_per_s"] for r in rows[1:]]
     bare_rates += [bare_window(args.steps) for _ in range(args.windows)]
     bare, engine = statistics.median(bare_rates), statistics.median(engine_rates)
     ratio = engine / bare
@@ -171,18 +165,11 @@ def main() -> None:
         params = sum(p.numel() for p in Unet(unet_preset("sd2base")).parameters())
     ok, rss = 0, 0.0
     if not args.skip_sd2base:
-        shutil.rmtree(args.nvme_path, ignore_errors=True)
-        t0 = time.perf_counter()
-        try:
-            r = fit(engine_cfg("sd2base", storage, "unet.preset=sd2base", "unet.sample_size=32",
-                               "scaling.num_workers=2", "scaling.cpus_per_worker=1",
-                               "engine.zero_stage=3", "engine.activation_checkpointing=true",
-                               "engine.offload_optimizer=nvme", f"engine.nvme_path={args.nvme_path}",
-                               "data.batch_size=1", f"steps={args.sd2base_steps}", "log_every=1",
-                               "data.synthetic_samples=16"))  # fmt: skip
-            if r.error:
-                raise r.error
-            rows = read_metrics(storage, "sd2base")
+        with offloaded_run("sd2base", args.nvme_path):
+            t0 = time.perf_counter()
+            rows = fit_logged(engine_cfg("sd2base", storage, "unet.preset=sd2base",
+                                         "unet.sample_size=32", f"steps={args.sd2base_steps}",
+                                         *offload_overrides(args.nvme_path)))  # fmt: skip
             m = rows[-1]  # (no final checkpoint: ~10 GB of optimizer state for nothing)
             ok = int(m["step"] == args.sd2base_steps and m["skipped_steps"] == 0)
             rss = max(row["peak_rss_gib_total"] for row in rows)
@@ -192,9 +179,6 @@ def main() -> None:
                 f"{m['step_time_s']:.1f} s, total {time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
-        except Exception as e:  # report, don't hide: the figure is 0 with the reason printed
-            print(f"sd2base run failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-        shutil.rmtree(args.nvme_path, ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
     print(
         f"ldm_ratio_vs_bare={ratio:.4f} sd2base_steps_ok={ok} sd2base_params={params} "

@@ -28,7 +28,6 @@ sample_tok_s=<f> b1_steps_ok=<0|1> b1_params=<int> b1_peak_rss_gib=<f>
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -38,9 +37,10 @@ import time
 
 import torch
 
+from benchmarks.common import fit_logged, offload_overrides, offloaded_run
 from data_pipeline.config import RayConfig, load_config
 from jobs.common import init_ray
-from trainer.config import TrainConfig
+from trainer.config import DalleTrainSection, TrainConfig
 from trainer.engine import DTYPES, resolve_precision
 from trainer.launch import fit, worker_env
 from trainer.metrics import measure_peak_flops
@@ -48,17 +48,25 @@ from trainer.models.dalle import DalleTransformer, compute_dalle_loss, dalle_pre
 
 # The peer config from DESIGN.md (lucidrains' DALLE-pytorch measured on this machine).
 PEER = dict(dim=768, depth=12, heads=12, head_dim=64, text_len=64, image_grid=16,
-            image_vocab=8192, text_vocab=16384, attn_pattern="dalle", conv_kernel=11)
+            image_vocab=8192, text_vocab=16384, attn_pattern="dalle", conv_kernel=11)  # fmt: skip
 BATCH = 4
 PRECISION = resolve_precision("auto")  # what the engine runs in by default on this machine
 
 
 def engine_cfg(name: str, storage: str, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, None, [
-        f"name={name}", f"checkpoint.storage_path={storage}", "checkpoint.every_steps=0",
-        "checkpoint.export_weights=false", "failure_max_retries=0", "data.source=synthetic",
-        *overrides,
-    ])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            f"name={name}",
+            f"checkpoint.storage_path={storage}",
+            "checkpoint.every_steps=0",
+            "checkpoint.export_weights=false",
+            "failure_max_retries=0",
+            "data.source=synthetic",
+            *overrides,
+        ],
+    )
 
 
 def peer_overrides() -> list[str]:
@@ -69,7 +77,7 @@ def bare_loop_tokens_per_s(steps: int, warmup: int) -> float:
     """The loop a user writes without Ray or DeepSpeed: model in PRECISION, torch AdamW, one
     process."""
     torch.manual_seed(0)
-    cfg = dalle_preset("tiny", **PEER)
+    cfg, weights = dalle_preset("tiny", **PEER), DalleTrainSection()  # the engine's defaults
     model = DalleTransformer(cfg).to(DTYPES[PRECISION]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     text = torch.randint(1, cfg.text_vocab, (BATCH, cfg.text_len))
@@ -79,8 +87,14 @@ def bare_loop_tokens_per_s(steps: int, warmup: int) -> float:
         if i == warmup:
             t0 = time.perf_counter()
         tl, il = model(text, image)
-        loss, _ = compute_dalle_loss(tl, il, model.internal_text(text), image,
-                                     cfg.text_loss_weight, cfg.image_loss_weight)
+        loss, _ = compute_dalle_loss(
+            tl,
+            il,
+            model.internal_text(text),
+            image,
+            weights.text_loss_weight,
+            weights.image_loss_weight,
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -115,8 +129,10 @@ def _attention_run(shape: dict, batch: int, steps: int, warmup: int, out) -> Non
         if i == warmup:
             t0 = time.perf_counter()
         saved.clear()  # all alive until backward: no address is reused within one forward
-        with torch.autocast("cpu", dtype=DTYPES[PRECISION], enabled=low), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.autocast("cpu", dtype=DTYPES[PRECISION], enabled=low),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             tl, il = model(text, image)
             loss, _ = compute_dalle_loss(tl, il, model.internal_text(text), image)
         most = max(most, sum(saved.values()))
@@ -140,12 +156,18 @@ def sparse_vs_dense(batch: int, steps: int) -> tuple[float, float]:
         p.start()
         res[impl] = q.get()
         p.join()
-        print(f"{'sparse' if impl == 'sparse' else 'dense-mask'} attention, peer config at "
-              f"{SPARSE_GRID}x{SPARSE_GRID}, batch {batch}, {PRECISION}: {res[impl][0]:.0f} "
-              f"tokens/s, peak RSS {res[impl][1]:.2f} GiB, activations saved for backward "
-              f"{res[impl][2]:.2f} GiB", flush=True)
-    print(f"activations saved for backward, sparse / dense: "
-          f"{res['sparse'][2] / res['matmul'][2]:.3f}", flush=True)
+        print(
+            f"{'sparse' if impl == 'sparse' else 'dense-mask'} attention, peer config at "
+            f"{SPARSE_GRID}x{SPARSE_GRID}, batch {batch}, {PRECISION}: {res[impl][0]:.0f} "
+            f"tokens/s, peak RSS {res[impl][1]:.2f} GiB, activations saved for backward "
+            f"{res[impl][2]:.2f} GiB",
+            flush=True,
+        )
+    print(
+        f"activations saved for backward, sparse / dense: "
+        f"{res['sparse'][2] / res['matmul'][2]:.3f}",
+        flush=True,
+    )
     return res["sparse"][0] / res["matmul"][0], res["sparse"][1] / res["matmul"][1]
 
 
@@ -167,12 +189,17 @@ def sample_tokens_per_s(batch: int) -> float:
 def sparse_and_sampling(batch: int, steps: int) -> tuple[float, float, float]:
     """Parts 5 and 6: (sparse_vs_dense, sparse_mem_ratio, sample_tok_s)."""
     speed, mem = sparse_vs_dense(batch, steps)
-    print(f"sparse vs dense masks: tokens/s ratio {speed:.3f}, peak memory ratio {mem:.3f}",
-          flush=True)
+    print(
+        f"sparse vs dense masks: tokens/s ratio {speed:.3f}, peak memory ratio {mem:.3f}",
+        flush=True,
+    )
     tok_s = sample_tokens_per_s(1)
     many = sample_tokens_per_s(8)
-    print(f"cached sampling, peer config, {PRECISION}: {tok_s:.1f} image tokens/s (1 candidate), "
-          f"{many:.1f} (8 candidates batched)", flush=True)
+    print(
+        f"cached sampling, peer config, {PRECISION}: {tok_s:.1f} image tokens/s (1 candidate), "
+        f"{many:.1f} (8 candidates batched)",
+        flush=True,
+    )
     return speed, mem, tok_s
 
 
@@ -198,7 +225,10 @@ def main() -> None:
     torch.set_num_threads(cores)
 
     peak = measure_peak_flops(DTYPES[PRECISION], seconds=1.0)
-    print(f"{PRECISION} matmul peak, {torch.get_num_threads()} threads: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    print(
+        f"{PRECISION} matmul peak, {torch.get_num_threads()} threads: {peak / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
 
     bare = bare_loop_tokens_per_s(args.steps, warmup=2)
     print(f"bare PyTorch loop (151M, {PRECISION}, batch {BATCH}): {bare:.0f} tokens/s", flush=True)
@@ -206,27 +236,53 @@ def main() -> None:
     init_ray(RayConfig(num_cpus=cores + 2, dashboard=False), runtime_env={"env_vars": worker_env()})
     # One worker owning all cores; log window = the timed steps after warm-up.
     steps = 2 + args.steps
-    res = fit(engine_cfg("overhead", storage, *peer_overrides(), "scaling.num_workers=1",
-                         f"scaling.cpus_per_worker={cores}", "engine.zero_stage=1",
-                         f"data.batch_size={BATCH}", f"steps={steps}", f"log_every={args.steps}",
-                         f"data.synthetic_samples={steps * BATCH}", f"peak_tflops={peak / 1e12}"))
+    res = fit(
+        engine_cfg(
+            "overhead",
+            storage,
+            *peer_overrides(),
+            "scaling.num_workers=1",
+            f"scaling.cpus_per_worker={cores}",
+            "engine.zero_stage=1",
+            f"data.batch_size={BATCH}",
+            f"steps={steps}",
+            f"log_every={args.steps}",
+            f"data.synthetic_samples={steps * BATCH}",
+            f"peak_tflops={peak / 1e12}",
+        )
+    )
     engine_tok_s = res.metrics["tokens_per_s"]
     flops_per_token = DalleTransformer(dalle_preset("tiny", **PEER)).flops_per_token()
     mfu = engine_tok_s * flops_per_token / peak
     overhead = bare / engine_tok_s
-    print(f"Ray Train + DeepSpeed (1 worker, ZeRO-1, {PRECISION}): {engine_tok_s:.0f} tokens/s; "
-          f"step time ratio vs bare = {overhead:.3f}; MFU = {mfu:.3f} "
-          f"({flops_per_token / 1e9:.2f} GFLOP/token)", flush=True)
+    print(
+        f"Ray Train + DeepSpeed (1 worker, ZeRO-1, {PRECISION}): {engine_tok_s:.0f} tokens/s; "
+        f"step time ratio vs bare = {overhead:.3f}; MFU = {mfu:.3f} "
+        f"({flops_per_token / 1e9:.2f} GFLOP/token)",
+        flush=True,
+    )
 
     mem = {}
     for workers in (1, 2):
-        r = fit(engine_cfg(f"zero3-{workers}w", storage, *peer_overrides(),
-                           f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1",
-                           "engine.zero_stage=3", "data.batch_size=1", "steps=2", "log_every=1",
-                           "data.synthetic_samples=64"))
+        r = fit(
+            engine_cfg(
+                f"zero3-{workers}w",
+                storage,
+                *peer_overrides(),
+                f"scaling.num_workers={workers}",
+                "scaling.cpus_per_worker=1",
+                "engine.zero_stage=3",
+                "data.batch_size=1",
+                "steps=2",
+                "log_every=1",
+                "data.synthetic_samples=64",
+            )
+        )
         mem[workers] = r.metrics["model_state_gib"]
-        print(f"ZeRO-3 {workers} worker(s): model-state memory {mem[workers]:.2f} GiB per worker",
-              flush=True)
+        print(
+            f"ZeRO-3 {workers} worker(s): model-state memory {mem[workers]:.2f} GiB per worker",
+            flush=True,
+        )
     mem_ratio = mem[2] / mem[1]
 
     speed, sparse_mem, sample_tok_s = sparse_and_sampling(args.sparse_batch, args.sparse_steps)
@@ -235,34 +291,35 @@ def main() -> None:
     with torch.device("meta"):
         b1_params = DalleTransformer(dalle_preset("1b3")).num_params()
     if not args.skip_1b:
-        shutil.rmtree(args.nvme_path, ignore_errors=True)
-        t0 = time.perf_counter()
-        try:
-            r = fit(engine_cfg("b1", storage, "dalle.preset=1b3", "scaling.num_workers=2",
-                               "scaling.cpus_per_worker=1", "engine.zero_stage=3",
-                               "engine.activation_checkpointing=true",
-                               "engine.offload_optimizer=nvme", f"engine.nvme_path={args.nvme_path}",
-                               "data.batch_size=1", "steps=2", "log_every=1",
-                               "data.synthetic_samples=16", "checkpoint.at_end=false"))
+        with offloaded_run("1.3B", args.nvme_path):
+            t0 = time.perf_counter()
             # No final checkpoint (~20 GB for 1.3B with optimizer state): metrics from the log.
-            if r.error:
-                raise r.error
-            with open(os.path.join(storage, "b1", "tensorboard", "metrics.jsonl")) as f:
-                m = json.loads(f.readlines()[-1])
+            m = fit_logged(
+                engine_cfg(
+                    "b1",
+                    storage,
+                    "dalle.preset=1b3",
+                    "steps=2",
+                    *offload_overrides(args.nvme_path),
+                    "checkpoint.at_end=false",
+                )
+            )[-1]
             b1_ok = int(m["step"] == 2 and m["skipped_steps"] == 0)
             b1_rss = m["peak_rss_gib_total"]
-            print(f"1.3B ({b1_params / 1e9:.3f}B params) on 2 workers: steps ok={b1_ok}, "
-                  f"peak RSS {b1_rss:.1f} GiB (both workers), last step "
-                  f"{1 / max(m['samples_per_s'] / 2, 1e-9):.1f} s, "
-                  f"total {time.perf_counter() - t0:.0f} s", flush=True)
-        except Exception as e:  # report, don't hide: the figure is 0 with the reason printed
-            print(f"1.3B run failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-        shutil.rmtree(args.nvme_path, ignore_errors=True)
+            print(
+                f"1.3B ({b1_params / 1e9:.3f}B params) on 2 workers: steps ok={b1_ok}, "
+                f"peak RSS {b1_rss:.1f} GiB (both workers), last step "
+                f"{1 / max(m['samples_per_s'] / 2, 1e-9):.1f} s, "
+                f"total {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
     shutil.rmtree(storage, ignore_errors=True)
-    print(f"overhead_ratio={overhead:.4f} mfu={mfu:.4f} zero3_mem_ratio={mem_ratio:.4f} "
-          f"sparse_vs_dense={speed:.4f} sparse_mem_ratio={sparse_mem:.4f} "
-          f"sample_tok_s={sample_tok_s:.2f} "
-          f"b1_steps_ok={b1_ok} b1_params={b1_params} b1_peak_rss_gib={b1_rss:.2f}")
+    print(
+        f"overhead_ratio={overhead:.4f} mfu={mfu:.4f} zero3_mem_ratio={mem_ratio:.4f} "
+        f"sparse_vs_dense={speed:.4f} sparse_mem_ratio={sparse_mem:.4f} "
+        f"sample_tok_s={sample_tok_s:.2f} "
+        f"b1_steps_ok={b1_ok} b1_params={b1_params} b1_peak_rss_gib={b1_rss:.2f}"
+    )
 
 
 if __name__ == "__main__":

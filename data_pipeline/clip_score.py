@@ -24,6 +24,21 @@ from data_pipeline import columns as C
 from data_pipeline.filters import clip_reason
 
 
+@dataclass
+class OpenClipSection:
+    """Config fields naming an open_clip model from local files (nothing is downloaded): the base
+    of every section that names one (`t2i preprocess` and `t2i sample` `clip:`, `t2i tokenize`
+    `text_encoder:`, `t2i train` `clip:`), which add their own fields (weights, batch size, ...)
+    and may change these defaults."""
+
+    model: str = "ViT-B-32"  # open_clip architecture: a built-in name, or model_config's stem
+    model_config: str = ""  # custom architecture: an open_clip model-config JSON; "": built-in
+
+    def load_model_config(self) -> dict | None:
+        """The custom architecture read from `model_config`, or None for a built-in one."""
+        return load_model_config_file(self.model_config) if self.model_config else None
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """Everything an actor needs to rebuild the model (plain data: crosses the Ray boundary)."""

@@ -9,10 +9,18 @@ naming the dotted key and where the value came from (the file or the command lin
 
 Across a Ray boundary pass `dataclasses.asdict(cfg)` and rebuild with `from_dict(Schema, d)` on the
 first line of the worker function; workers never read module globals.
+
+A key that moved keeps a forwarding entry in its schema's `RENAMED` class attribute (old dotted key
+-> new dotted key, both relative to that schema): the old key in a file or on the command line is
+an error naming the new one. Reading a config that an earlier version wrote (a run directory's
+`config.yaml`) passes `migrate=True` instead, which moves the value to its new key. A key whose
+value does not carry over (it changed meaning or type) goes in `REPLACED` instead: an error naming
+its successor in a file or on the command line, dropped when migrating.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -62,6 +70,17 @@ class RayConfig:
     dashboard: bool = True  # local instance only; bound to 127.0.0.1
 
 
+@dataclass
+class ActorPoolSection:
+    """The fields of a section whose model runs on a Ray Data actor pool (the CLIP scorer, the
+    image tokenizer, the text encoder); each section adds what its actors load."""
+
+    batch_size: int = 64  # rows per forward pass; batches are padded to it (batch-invariant)
+    concurrency: int = 1  # actors in the pool
+    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
+    num_cpus: float = 1.0  # per actor; also its torch thread count (at least 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading machinery
 # --------------------------------------------------------------------------------------------
@@ -73,11 +92,13 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     require: bool = True,
+    migrate: bool = False,
 ) -> T:
     """Build `schema` from an optional YAML file, then apply dotted `key=value` overrides.
 
     Raises ConfigError naming the key and the file (or "command line") for unknown keys, wrong
-    types, malformed overrides, and (with `require`) required values left unset.
+    types, malformed overrides, and (with `require`) required values left unset. With `migrate`,
+    the file's values under `schema.RENAMED` keys move to their new keys (see `from_dict`).
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -96,7 +117,7 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
-    cfg = from_dict(schema, data, source=source)
+    cfg = from_dict(schema, data, source=source, migrate=migrate)
     cfg = apply_overrides(cfg, overrides)
     if require:
         validate_required(cfg, source=source)
@@ -117,13 +138,26 @@ def _from_preset(schema: type, name: Any, source: str, key: str) -> Any:
 
 
 def from_dict(
-    schema: type[T], data: dict[str, Any], *, source: str = "dict", prefix: str = ""
+    schema: type[T],
+    data: dict[str, Any],
+    *,
+    source: str = "dict",
+    prefix: str = "",
+    migrate: bool = False,
 ) -> T:
-    """Rebuild a dataclass tree from plain data (YAML or `asdict` output), checking every key."""
+    """Rebuild a dataclass tree from plain data (YAML or `asdict` output), checking every key.
+
+    A key of `schema.RENAMED` in `data` is an error naming its new key; with `migrate` its value
+    moves there instead (configs written before the rename; `schema`'s own RENAMED only).
+    """
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}"
         )
+    data = _migrate(schema, data, source, prefix) if migrate else data
+    for old, new in {**renamed_keys(schema), **replaced_keys(schema)}.items():
+        if _has_path(data, old.split(".")):
+            raise _renamed_error(source, _join(prefix, old), _join(prefix, new))
     if has_presets(schema) and "preset" in data:
         data = dict(data)
         base = _from_preset(schema, data.pop("preset"), source, _join(prefix, "preset"))
@@ -177,6 +211,17 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
+def renamed_keys(schema: type) -> dict[str, str]:
+    """`schema.RENAMED`: old dotted key -> new dotted key, both relative to `schema` ({} if none)."""
+    return getattr(schema, "RENAMED", None) or {}
+
+
+def replaced_keys(schema: type) -> dict[str, str]:
+    """`schema.REPLACED`: old dotted key -> the key that took its place with another meaning or
+    type, both relative to `schema` ({} if none). Migration drops the old value."""
+    return getattr(schema, "REPLACED", None) or {}
+
+
 # --------------------------------------------------------------------------------------------
 # Internals
 # --------------------------------------------------------------------------------------------
@@ -189,8 +234,61 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _renamed_error(source: str, old: str, new: str) -> ConfigError:
+    return ConfigError(f"{source}: unknown key '{old}': it was renamed to '{new}'")
+
+
+def _pop_path(data: dict[str, Any], parts: list[str]) -> Any:
+    *parents, name = parts
+    for p in parents:
+        data = data.get(p) if isinstance(data, dict) else None
+    return data.pop(name) if isinstance(data, dict) and name in data else None
+
+
+def _has_path(data: Any, parts: list[str]) -> bool:
+    for name in parts:
+        if not isinstance(data, dict) or name not in data:
+            return False
+        data = data[name]
+    return True
+
+
+def _migrate(schema: type, data: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    """A copy of `data` with the value of each old key of `schema.RENAMED` at its new key, and
+    without the keys of `schema.REPLACED`."""
+    data = copy.deepcopy(data)
+    for old in replaced_keys(schema):
+        _pop_path(data, old.split("."))
+    for old, new in renamed_keys(schema).items():
+        *parents, name = old.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            continue
+        value = node.pop(name)
+        *parents, name = new.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: '{_join(prefix, p)}' must be a mapping")
+        if name in node:
+            raise ConfigError(
+                f"{source}: both '{_join(prefix, old)}' and its new name "
+                f"'{_join(prefix, new)}' are set"
+            )
+        node[name] = value
+    return data
+
+
 def _set_path(node: Any, parts: list[str], raw: str, key: str) -> Any:
     """Return a copy of `node` with the field at `parts` set from the override string `raw`."""
+    rest = ".".join(parts)
+    for old, new in {**renamed_keys(type(node)), **replaced_keys(type(node))}.items():
+        if rest == old or rest.startswith(old + "."):
+            done = key[: len(key) - len(rest)]
+            raise _renamed_error("command line", key, done + new + rest[len(old) :])
     name = parts[0]
     if name == "preset" and len(parts) == 1 and has_presets(type(node)):
         return _from_preset(type(node), raw.strip(), "command line", key)

@@ -184,9 +184,57 @@ def exists(loc: Location) -> bool:
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 
 
+STREAM_ATTEMPTS = 4  # whole reads of one object, for a body cut off mid-stream
+
+
+def _read_whole(loc: Location, sink: Callable[[], Callable[[bytes], None]]) -> None:
+    """Stream `loc` into a fresh `sink()` (a function taking each chunk). The S3 client retries
+    failed requests, not a body cut off after its 200 (a reset mid-download: "Failed to flush
+    response stream"); such a read starts again from the first byte, up to STREAM_ATTEMPTS
+    times with backoff. A missing file is not retried."""
+    import time
+
+    for attempt in range(STREAM_ATTEMPTS):
+        write = sink()
+        try:
+            with loc.fs.open_input_stream(loc.path) as src:
+                while chunk := src.read(1 << 22):
+                    write(chunk)
+            return
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt + 1 == STREAM_ATTEMPTS:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
 def read_bytes(loc: Location) -> bytes:
-    with loc.fs.open_input_stream(loc.path) as f:
-        return f.read()
+    parts: list[bytes] = []
+
+    def sink():
+        parts.clear()
+        return parts.append
+
+    _read_whole(loc, sink)
+    return b"".join(parts)
+
+
+def download_file(loc: Location, dst: str) -> str:
+    """Copy `loc` to the local file `dst` (retrying a broken stream from the start, as
+    `read_bytes`); return the sha256 hex of what was written."""
+    h = None
+    with open(dst, "wb") as out:
+
+        def sink():
+            nonlocal h
+            h = hashlib.sha256()
+            out.seek(0)
+            out.truncate()
+            return lambda chunk: (h.update(chunk), out.write(chunk))
+
+        _read_whole(loc, sink)
+    return h.hexdigest()
 
 
 def list_files(loc: Location, suffix: str = "") -> list[str]:

@@ -65,7 +65,7 @@ from data_pipeline.writer import (
 
 MANIFEST_FORMAT = "ray-t2i/webdataset"  # the same format `t2i data digits` writes
 MANIFEST_VERSION = 1
-FAULT_ENV = "T2I_PREPROCESS_FAULT"  # "<scored|clean>:K": SIGKILL this driver after K commits
+FAULT_PHASES = ("scored", "clean")  # the kill points of `$T2I_FAULT` (resumable.Fault)
 PART_META_KEY = b"t2i_part"
 
 
@@ -100,7 +100,13 @@ SCORED_COLUMNS = {
 
 
 def commit_part(
-    batch: dict[str, np.ndarray], *, parts_uri: str, keep_embedding: bool, endpoint_url, region
+    batch: dict[str, np.ndarray],
+    *,
+    parts_uri: str,
+    keep_embedding: bool,
+    endpoint_url,
+    region,
+    fault: resumable.Fault | None = None,
 ) -> dict:
     """Write a batch of scored rows as one Parquet part, named by the rows it holds (a retried
     task rewrites the same name). The footer summarises it for resume and the bad-row check."""
@@ -138,7 +144,8 @@ def commit_part(
     loc = fs.resolve(parts_uri, endpoint_url=endpoint_url, region=region).join(
         f"part-{name}.parquet"
     )
-    fs.write_bytes_atomic(loc, buf.getvalue())
+    with resumable.commit_point(fault, "scored"):
+        fs.write_bytes_atomic(loc, buf.getvalue())
     return {"part": [name], "rows": [n]}
 
 
@@ -155,6 +162,7 @@ class _Ctx:
     limits: ReaderLimits
     spec: ClipSpec | None
     log: object
+    fault: resumable.Fault | None  # the resume tests' kill point; None in real runs
 
     @property
     def storage(self) -> dict:
@@ -253,6 +261,7 @@ def _phase_score(ctx: _Ctx) -> list[tuple[str, dict]]:
         fn_kwargs={
             "parts_uri": ctx.out.join(WORK_DIR, "scored").uri,
             "keep_embedding": cfg.dedup.near,
+            "fault": ctx.fault,
             **ctx.storage,
         },
     )
@@ -262,7 +271,6 @@ def _phase_score(ctx: _Ctx) -> list[tuple[str, dict]]:
         commits += 1
         rows += int(r["rows"])
         export.rows(rows, time.perf_counter() - t0)  # Ray dashboard: rows/s of this run
-        resumable.fault_hook(FAULT_ENV, "scored", commits, job="preprocess", kill=True)
     ctx.log(f"preprocess: score: committed {rows} row(s) in {commits} part(s)")
     return _part_summaries(ctx)
 
@@ -334,7 +342,16 @@ def _embed_dim(spec: ClipSpec) -> int:
     return int(open_clip_config(spec)["embed_dim"])
 
 
-def write_shard_task(item: dict, *, out_uri, shards, limits, endpoint_url, region) -> dict:
+def write_shard_task(
+    item: dict,
+    *,
+    out_uri,
+    shards,
+    limits,
+    endpoint_url,
+    region,
+    fault: resumable.Fault | None = None,
+) -> dict:
     """Phase 3, one Ray task per output shard: gather its scored rows from the parts that hold
     them (the part footers say which) and its dedup verdicts, then commit the shard."""
     i = int(item[C.SHARD_IDX])
@@ -350,10 +367,11 @@ def write_shard_task(item: dict, *, out_uri, shards, limits, endpoint_url, regio
     dedup = out.join(WORK_DIR, "dedup.parquet")
     with out.fs.open_input_file(dedup.path) as f:
         verdicts = pq.read_table(f, filters=[(C.SHARD_IDX, "=", i)])
-    stats = write_clean_shard(
-        scored, verdicts, out_uri=out_uri, shard_idx=i, source_uri=shards[i], limits=limits,
-        endpoint_url=endpoint_url, region=region,
-    )  # fmt: skip
+    with resumable.commit_point(fault, "clean"):
+        stats = write_clean_shard(
+            scored, verdicts, out_uri=out_uri, shard_idx=i, source_uri=shards[i], limits=limits,
+            endpoint_url=endpoint_url, region=region,
+        )  # fmt: skip
     return {C.SHARD_IDX: i, "samples_out": stats["samples_out"]}
 
 
@@ -375,12 +393,10 @@ def _phase_write(ctx: _Ctx, summaries: list[tuple[str, dict]]) -> None:
             if int(k) in parts_of:
                 parts_of[int(k)].append(path)
     items = [{C.SHARD_IDX: i, "parts": json.dumps(parts_of[i])} for i in pending]
-    kwargs = {"out_uri": ctx.out.uri, "shards": ctx.shards, "limits": ctx.limits, **ctx.storage}
+    kwargs = {"out_uri": ctx.out.uri, "shards": ctx.shards, "limits": ctx.limits,
+              "fault": ctx.fault, **ctx.storage}  # fmt: skip
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    commits = 0
-    for _ in ds.map(write_shard_task, fn_kwargs=kwargs).iter_rows():
-        commits += 1
-        resumable.fault_hook(FAULT_ENV, "clean", commits, job="preprocess", kill=True)
+    commits = sum(1 for _ in ds.map(write_shard_task, fn_kwargs=kwargs).iter_rows())
     ctx.log(f"preprocess: write: committed {commits} shard(s)")
 
 
@@ -432,7 +448,8 @@ def build_context(cfg: PreprocessConfig, log=print) -> _Ctx:
     shards = list_shards(
         cfg.input, **{"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
     )
-    return _Ctx(cfg, out, shards, limits, spec, log)
+    fault = resumable.fault_from_env("preprocess", FAULT_PHASES)
+    return _Ctx(cfg, out, shards, limits, spec, log, fault)
 
 
 def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:

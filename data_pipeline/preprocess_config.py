@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_pipeline.config import REQUIRED, RayConfig, StorageConfig
+from data_pipeline.clip_score import OpenClipSection
+from data_pipeline.config import REQUIRED, ActorPoolSection, RayConfig, StorageConfig
 
 
 @dataclass
@@ -40,18 +41,14 @@ class PreprocessFilterSection:
 
 
 @dataclass
-class PreprocessClipSection:
-    """CLIP scoring: cosine(image, text) from an open_clip model, run on a Ray actor pool."""
+class PreprocessClipSection(ActorPoolSection, OpenClipSection):
+    """CLIP scoring: cosine(image, text) from an open_clip model (`model`, `model_config`: see
+    `OpenClipSection`), run on a Ray actor pool (`batch_size` images per forward pass, the pool's
+    resources: see `ActorPoolSection`)."""
 
     enabled: bool = True  # False: no score filter and no near-duplicate detection
-    model: str = "ViT-B-32"  # open_clip model name (built-in, or the stem of `model_config`)
-    model_config: str = ""  # optional open_clip model-config JSON file for a custom architecture
     checkpoint: str = ""  # local open_clip checkpoint (.pt/.bin/.safetensors); "": random init
     threshold: float = 0.28  # keep cosine >= threshold (LAION-400M's value for ViT-B/32)
-    batch_size: int = 64  # images per forward pass; batches are padded to it (batch-invariant)
-    concurrency: int = 1  # actors in the pool
-    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
-    num_cpus: float = 1.0  # per actor; also its torch thread count (at least 1)
 
 
 @dataclass

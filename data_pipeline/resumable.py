@@ -1,6 +1,6 @@
 """What `t2i preprocess` and `t2i tokenize` share to be resumable: the plan record that pins an
 output directory to its inputs and settings, the config values that determine the outputs,
-reading input shards as Ray tasks, and the fault-injection hook of the resume tests.
+reading input shards as Ray tasks, and the kill point of the resume tests.
 
 A rerun into the same output compares the recorded `_work/plan.json` with its own plan: equal,
 it resumes the committed work; different, it refuses with the path to delete.
@@ -8,10 +8,13 @@ it resumes the committed work; different, it refuses with the path to delete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import time
+from collections.abc import Iterator
 
 from data_pipeline import columns as C
 from data_pipeline import fs
@@ -21,10 +24,8 @@ from data_pipeline.writer import WORK_DIR
 # Fields that say where and how fast a job runs, not what it produces.
 RUN_KEYS = ("output", "storage", "ray", "keep_work", "decode_batch_size")
 POOL_KEYS = ("concurrency", "num_gpus", "num_cpus")  # of an actor-pool section
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fault hook (tests of resume): the driver stops as if killed."""
+FAULT_ENV = "T2I_FAULT"  # "<phase>:<K>:<barrier dir>": kill the driver after K commits (Fault)
+KILLED_FILE = "killed.json"  # in the barrier directory: {"job", "phase", "commits"}
 
 
 def result_config(cfg, *, extra: tuple[str, ...] = (), pools: tuple[str, ...] = ()) -> dict:
@@ -66,14 +67,85 @@ def read_shard_task(item: dict, *, limits: ReaderLimits, endpoint_url, region) -
     return [r for r in rows if r[C.SEQ] not in skip]
 
 
-def fault_hook(env: str, phase: str, commits: int, *, job: str, kill: bool) -> None:
-    """Fault injection for resume tests: `$env` = "<phase>:K" stops the driver once `phase` has
-    committed K times, by SIGKILL (`kill`: no cleanup runs) or by raising `InjectedFault`."""
-    spec = os.environ.get(env, "")
-    if not spec or spec.split(":")[0] != phase or commits < int(spec.split(":")[1]):
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """The kill point of the resume tests: once `phase` has committed `after` times, the driver
+    (`driver_pid`) is SIGKILLed, so no cleanup runs, as in a real kill, and no later commit of
+    any phase lands, so what a rerun finds is the same every time.
+
+    The count is kept where commits happen (Ray tasks, `commit_point`), not by the driver as it
+    sees results: by then more tasks may have committed. Each commit of `phase` first takes a
+    numbered ticket in `barrier` (a file created exclusively); tickets 1..K commit and later ones
+    wait, uncommitted, until Ray ends them with the dead driver's job. The commit that makes K
+    writes `barrier/killed.json` and kills the driver; commits of other phases that start after
+    it wait too. `barrier` is a local directory: driver and tasks share one machine (tests).
+    """
+
+    job: str
+    phase: str
+    after: int  # K
+    barrier: str
+    driver_pid: int
+
+
+def fault_from_env(job: str, phases: tuple[str, ...]) -> Fault | None:
+    """The driver's kill point from `$T2I_FAULT` ("<phase>:<K>:<dir>", `phase` one of `phases`,
+    `dir` new or empty), or None when unset. Pass it to the tasks that commit."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    phase, after, barrier = (spec.split(":", 2) + ["", ""])[:3]
+    if phase not in phases or not after.isdigit() or int(after) < 1 or not barrier:
+        raise ValueError(
+            f"{FAULT_ENV}={spec!r}: expected <phase>:<K>:<dir> with phase one of {phases} "
+            f"for {job}, K >= 1 and a local directory"
+        )
+    os.makedirs(barrier, exist_ok=True)
+    if os.listdir(barrier):
+        raise ValueError(f"{FAULT_ENV}: barrier directory {barrier} is not empty")
+    return Fault(job, phase, int(after), os.path.abspath(barrier), os.getpid())
+
+
+@contextlib.contextmanager
+def commit_point(fault: Fault | None, phase: str) -> Iterator[None]:
+    """Wrap one commit of `phase`, in the task that writes it; without a `fault`, it does
+    nothing. With one, see `Fault`: this commit goes ahead, or waits for its job to end."""
+    if fault is None:
+        yield
         return
-    if kill:
-        print(f"{job}: fault injection: killing the driver after {commits} {phase} commits",
-              flush=True)  # fmt: skip
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise InjectedFault(f"{job}: fault injection after {commits} {phase} commit(s)")
+    killed = os.path.join(fault.barrier, KILLED_FILE)
+    if os.path.exists(killed):
+        _wait_for_kill(fault)
+    if phase != fault.phase:
+        yield
+        return
+    ticket = 1
+    while True:  # the lowest free number
+        try:
+            open(os.path.join(fault.barrier, f"{phase}-{ticket}.ticket"), "x").close()
+            break
+        except FileExistsError:
+            ticket += 1
+    if ticket > fault.after:
+        _wait_for_kill(fault)
+    yield
+    open(os.path.join(fault.barrier, f"{phase}-{ticket}.done"), "x").close()
+    done = [n for n in os.listdir(fault.barrier) if n.endswith(".done")]
+    if len(done) == fault.after:  # every commit before the kill point has landed
+        record = {"job": fault.job, "phase": phase, "commits": fault.after}
+        tmp = f"{killed}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, killed)
+        print(f"{fault.job}: fault injection: {fault.after} {phase} commit(s) landed; "
+              f"killing the driver (pid {fault.driver_pid})", flush=True)  # fmt: skip
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(fault.driver_pid, signal.SIGKILL)
+
+
+def _wait_for_kill(fault: Fault, timeout_s: float = 300.0) -> None:
+    """Past the kill point: never commit. Ray ends this task with the killed driver's job; the
+    timeout only turns a driver that outlived its kill into an error instead of a hang."""
+    time.sleep(timeout_s)
+    raise RuntimeError(f"{fault.job}: fault injection: the driver (pid {fault.driver_pid}) was "
+                       f"not ended {timeout_s:.0f}s after its kill point")  # fmt: skip

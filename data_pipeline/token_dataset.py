@@ -38,6 +38,7 @@ IMAGE_CODES = "image_codes"
 LATENT = "latent"  # float16 list: C*H*W, shape in manifest["latent_shape"]
 TEXT_EMBEDDING = "text_embedding"  # float16 list: L*D, shape in manifest["text_embedding_shape"]
 TEXT_MASK = "text_mask"  # reader output only: (B, L) bool, True where a token is not padding
+SAMPLE_ID = "id"  # synthetic rows only: the row's id (drills log which samples were consumed)
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"  # {text_embedding (L, D) f16, text_mask (L,) u8}
 
 
@@ -250,7 +251,7 @@ class SyntheticTokens:
             image[j] = np.where(
                 noise, rng.integers(0, self.image_vocab, self.n_image), self.patterns[c]
             )
-        return {TEXT_TOKENS: text, IMAGE_CODES: image}
+        return {TEXT_TOKENS: text, IMAGE_CODES: image, SAMPLE_ID: np.asarray(ids, dtype=np.int64)}
 
 
 def synthetic_token_dataset(rows: int, **kwargs):

@@ -54,7 +54,7 @@ from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shar
 from data_pipeline.writer import QUARANTINE_SCHEMA, WORK_DIR, shard_name
 
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
-FAULT_ENV = "T2I_TOKENIZE_FAULT"  # "parts:K" or "shards:K": stop the driver after K commits
+FAULT_PHASES = ("parts", "shards")  # the kill points of `$T2I_FAULT` (resumable.Fault)
 
 
 @dataclass
@@ -64,6 +64,7 @@ class _Ctx:
     shards: list[str]
     limits: ReaderLimits
     log: object
+    fault: resumable.Fault | None  # the resume tests' kill point; None in real runs
 
     @property
     def storage(self) -> dict:
@@ -278,8 +279,14 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
     return ds.map_batches(
         commit_part,
         batch_size=max(cfg.decode_batch_size, it.batch_size) * 4,
-        fn_kwargs={"parts_uri": ctx.out.join(PARTS_DIR).uri, **ctx.storage},
+        fn_kwargs={"parts_uri": ctx.out.join(PARTS_DIR).uri, "fault": ctx.fault, **ctx.storage},
     )
+
+
+def write_shard_task(item: dict, *, fault: resumable.Fault | None, **kwargs) -> dict:
+    """Ray task: commit one output shard (`write_tokenized_shard`), a "shards" commit point."""
+    with resumable.commit_point(fault, "shards"):
+        return write_tokenized_shard(item, **kwargs)
 
 
 def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
@@ -287,8 +294,8 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
     import ray
 
     done, parts, rows, total = _committed(ctx)
-    writer = ray.remote(num_cpus=0.5)(write_tokenized_shard)
-    kwargs = {"out_uri": ctx.out.uri, "recipe": ctx.cfg.recipe,
+    writer = ray.remote(num_cpus=0.5)(write_shard_task)
+    kwargs = {"out_uri": ctx.out.uri, "recipe": ctx.cfg.recipe, "fault": ctx.fault,
               "rows_per_shard": ctx.cfg.rows_per_shard, **ctx.storage}  # fmt: skip
     writes: dict[int, ray.ObjectRef] = {}
 
@@ -307,7 +314,7 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
                   "skip": json.dumps(_skip_list(ctx, parts.get(i, []), i))}
                  for i in pending]  # fmt: skip
         t0 = last = time.perf_counter()
-        new_rows = commits = 0
+        new_rows = 0
         export = DataStageMetrics("tokenize", ctx.out.uri)  # Ray dashboard: rows/s of this run
         for r in _build_plan(ctx, items, text).iter_rows():
             meta = json.loads(r["meta"])
@@ -318,22 +325,18 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
                 total[i] = meta["shard_rows"][k]
                 new_rows += n
                 launch(i)
-            commits += 1
             export.rows(new_rows, time.perf_counter() - t0)
             if time.perf_counter() - last > 5:
                 last = time.perf_counter()
                 ctx.log(f"tokenize: encoded {new_rows} row(s), {len(writes)}/{len(ctx.shards)} "
                         f"shard(s) writing/written, {new_rows / (last - t0):.1f} rows/s")  # fmt: skip
-            resumable.fault_hook(FAULT_ENV, "parts", commits, job="tokenize", kill=False)
     for i in range(len(ctx.shards)):
         if i in total and rows[i] < total[i]:
             raise RuntimeError(f"tokenize: {ctx.shards[i]}: {rows[i]} of {total[i]} rows encoded")
         if i not in done and i not in writes:  # the reader found no rows: an empty shard
             item = {C.SHARD_IDX: i, C.SOURCE_SHARD: ctx.shards[i], "parts": "[]"}
             writes[i] = writer.remote(item, **kwargs)
-    for n, ref in enumerate(writes.values(), 1):
-        ray.get(ref)
-        resumable.fault_hook(FAULT_ENV, "shards", n, job="tokenize", kill=False)
+    ray.get(list(writes.values()))
 
 
 def _finalize(ctx: _Ctx, body: dict) -> dict:
@@ -385,7 +388,8 @@ def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
     t0 = time.perf_counter()
     shards = list_shards(cfg.input, **{"endpoint_url": cfg.storage.endpoint_url,
                                        "region": cfg.storage.region})  # fmt: skip
-    ctx = _Ctx(cfg, out, shards, ReaderLimits.of(), log)
+    fault = resumable.fault_from_env("tokenize", FAULT_PHASES)
+    ctx = _Ctx(cfg, out, shards, ReaderLimits.of(), log, fault)
     fs.ensure_dir(out)
     log(f"tokenize: recipe={cfg.recipe}: {len(shards)} input shard(s) -> {out.uri}")
     text = _text_tokenizer(ctx)

@@ -8,7 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_pipeline.config import REQUIRED, ConfigError, RayConfig, StorageConfig
+from data_pipeline.clip_score import OpenClipSection
+from data_pipeline.config import (
+    REQUIRED,
+    ActorPoolSection,
+    ConfigError,
+    RayConfig,
+    StorageConfig,
+)
 
 
 @dataclass
@@ -24,27 +31,20 @@ class TextTokenizerSection:
 
 
 @dataclass
-class ImageTokenizerSection:
-    """The dVAE / VQGAN (ar) or KL-AE (ldm) that encodes images, run on a Ray actor pool."""
+class ImageTokenizerSection(ActorPoolSection):
+    """The dVAE / VQGAN (ar) or KL-AE (ldm) that encodes images, run on a Ray actor pool
+    (`batch_size` images per forward pass, the pool's resources: see `ActorPoolSection`)."""
 
     path: str = REQUIRED  # tokenizer directory, a `t2i train` run, or a `t2i convert` output
-    batch_size: int = 64  # images per forward pass; batches are padded to it (batch-invariant)
-    concurrency: int = 1  # actors in the pool
-    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
-    num_cpus: float = 1.0  # per actor; also its torch thread count (at least 1)
 
 
 @dataclass
-class TextEncoderSection:
-    """recipe=ldm: the open_clip text tower whose per-token states condition the U-Net."""
+class TextEncoderSection(ActorPoolSection, OpenClipSection):
+    """recipe=ldm: the open_clip text tower whose per-token states condition the U-Net (`model`,
+    `model_config`: see `OpenClipSection`), run on a Ray actor pool (`batch_size` captions per
+    forward pass, the pool's resources: see `ActorPoolSection`)."""
 
-    model: str = "ViT-B-32"  # open_clip architecture (built-in, or the stem of model_config)
-    model_config: str = ""  # optional open_clip model-config JSON (custom architecture)
     checkpoint: str = ""  # local open_clip checkpoint; "": random weights (tests, benchmarks)
-    batch_size: int = 64  # captions per forward pass (padded to it)
-    concurrency: int = 1
-    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
-    num_cpus: float = 1.0
 
 
 @dataclass

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_pipeline import columns as C
-from data_pipeline import fs
+from data_pipeline import fs, resumable
 from data_pipeline import token_dataset as T
 from data_pipeline.validate import decode_image, resize_center_crop
 
@@ -254,7 +254,14 @@ def batch_table(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(arrays)
 
 
-def commit_part(batch: dict[str, np.ndarray], *, parts_uri: str, endpoint_url, region) -> dict:
+def commit_part(
+    batch: dict[str, np.ndarray],
+    *,
+    parts_uri: str,
+    endpoint_url,
+    region,
+    fault: resumable.Fault | None = None,
+) -> dict:
     """Write a batch as one Parquet part named by the rows it holds (a retried task rewrites the
     same name); its footer counts rows per shard, so resume needs no data read."""
     table = batch_table(batch)
@@ -270,5 +277,6 @@ def commit_part(batch: dict[str, np.ndarray], *, parts_uri: str, endpoint_url, r
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata({PART_META_KEY: meta}), buf)
     loc = fs.resolve(parts_uri, endpoint_url=endpoint_url, region=region)
-    fs.write_bytes_atomic(loc.join(f"part-{name}.parquet"), buf.getvalue())
+    with resumable.commit_point(fault, "parts"):
+        fs.write_bytes_atomic(loc.join(f"part-{name}.parquet"), buf.getvalue())
     return {"part": [loc.join(f"part-{name}.parquet").path], "meta": [meta.decode()]}

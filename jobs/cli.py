@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn, TypeVar
 
-from data_pipeline.config import ConfigError
+from data_pipeline.config import ConfigError, load_config
+
+T = TypeVar("T")
 
 # Modules that register subcommands, in the order `t2i --help` lists them (the order of the flow).
 COMMAND_MODULES = (
@@ -38,13 +41,23 @@ command line as key.sub=value.
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """The shared `--config CFG [key.sub=value ...]` arguments."""
+    """The shared `--config CFG [key.sub=value ...] [--address ADDR]` arguments of a command
+    whose config has a `ray:` section (read them with `load_job_config`)."""
     parser.add_argument(
         "--config", required=required, metavar="CFG", help="YAML config file (see jobs/configs/)"
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="override any config value"
     )
+    parser.add_argument(
+        "--address", help="Ray cluster address (sets ray.address; default: $RAY_ADDRESS or local)"
+    )
+
+
+def load_job_config(schema: type[T], args: argparse.Namespace) -> T:
+    """The command's typed config: the `--config` file, then the overrides, then `--address`."""
+    address = [f"ray.address={args.address}"] if args.address else []
+    return load_config(schema, args.config, [*args.overrides, *address])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"t2i {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def run_module(command: str) -> NoReturn:
+    """`python -m jobs.<module> ARGS` (no console script needed): exits as `t2i <command> ARGS`."""
+    sys.exit(main([command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

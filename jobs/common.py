@@ -1,4 +1,5 @@
-"""What every Ray-using entry point shares: connecting to Ray with safe defaults."""
+"""What the Ray-using entry points share: connecting to Ray with safe defaults, and the
+summary the data jobs print."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None, min_cpus: float
         dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
     )
+
+
+def print_left_out(command: str, reasons: dict[str, int], output: str) -> None:
+    """A data job's closing lines: how many samples each reason left out, and the output."""
+    for reason, count in reasons.items():
+        print(f"{command}:   {reason:<20} {count}")
+    print(f"{command}: output -> {output}")
 
 
 def _has_cuda() -> bool:

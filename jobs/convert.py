@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from jobs.cli import run_module
 
 # --from value -> the arguments it requires (checked in `run`, so the error names them)
 SOURCES = {
@@ -67,11 +68,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("convert")

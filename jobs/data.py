@@ -7,10 +7,10 @@ python -m jobs.data digits --out DIR_OR_S3      # same, without the console scri
 from __future__ import annotations
 
 import argparse
-import sys
 
 from data_pipeline.config import load_config
 from data_pipeline.digits import DigitsConfig
+from jobs.cli import run_module
 
 
 def register(subparsers) -> None:
@@ -48,11 +48,5 @@ def run_digits(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["data", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("data")

@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     pre_cfg = load_config(PreprocessConfig, CONFIGS / "preprocess_digits.yaml", overrides)
     if manifest_of(pre_dir, PRE_FMT, PRE_VER) is None:
         # A tiny CLIP's cosine scale is its own: pick the threshold on the labelled val split.
-        from data_pipeline.clip_score import ClipSpec, load_model_config_file
+        from data_pipeline.clip_score import ClipSpec
 
         spec = ClipSpec(
             pre_cfg.clip.model,
-            load_model_config_file(pre_cfg.clip.model_config),
+            pre_cfg.clip.load_model_config(),
             str(clip_weights),
             batch_size=pre_cfg.clip.batch_size,
             threads=2,
@@ -241,51 +241,49 @@ class Shared:
         return [f"clip.checkpoint={self.clip_weights}",
                 f"clip.model_config={CONFIGS / 'clip_digits_tiny.json'}"]  # fmt: skip
 
+    def train(self, name: str, config: str, data: Path, seconds: dict):
+        """`train_stage` of jobs/configs/<config>.yaml reading `data`."""
+        cfg = train_config(config, data, self.train_dir)
+        return train_stage(name, cfg, self.train_dir, seconds)
+
+    def tokenize(self, name: str, config: str, out: str, image_tok, seconds: dict,
+                 *overrides: str) -> tuple[Path, dict]:  # fmt: skip
+        """`tokenize_stage` of jobs/configs/<config> from the clean shards into run_dir/<out>,
+        images through the tokenizer checkpoint `image_tok`: (the dataset dir, its manifest)."""
+        out_dir = self.run_dir / out
+        base = [f"input={self.clean_shards}", f"output={out_dir}",
+                f"image_tokenizer.path={image_tok.path}"]  # fmt: skip
+        return out_dir, tokenize_stage(name, CONFIGS / config, [*base, *overrides], seconds)
+
 
 def ar_recipe(ctx: Shared) -> dict:
     """dVAE -> BPE + codes -> DALL-E -> sample -> eval."""
     seconds: dict[str, float | None] = {}
-    dvae_cfg = train_config("dvae_digits", ctx.clean_shards, ctx.train_dir)
-    dvae_ckpt = train_stage("train dVAE (image tokenizer)", dvae_cfg, ctx.train_dir, seconds)
-    tokens_dir = ctx.run_dir / "tokens"
-    tokens = tokenize_stage(
-        "tokenize (BPE text + dVAE codes)",
-        CONFIGS / "tokenize_digits.yaml",
-        [f"input={ctx.clean_shards}", f"output={tokens_dir}",
-         f"image_tokenizer.path={dvae_ckpt.path}"],
-        seconds,
-    )  # fmt: skip
+    dvae = ctx.train("train dVAE (image tokenizer)", "dvae_digits", ctx.clean_shards, seconds)
+    tokens_dir, tokens = ctx.tokenize("tokenize (BPE text + dVAE codes)", "tokenize_digits.yaml",
+                                      "tokens", dvae, seconds)  # fmt: skip
     print(f"[demo]   {tokens['rows']} rows, {tokens['image_grid']}x{tokens['image_grid']} codes "
           f"of {tokens['image_vocab']}: {tokens_dir}")  # fmt: skip
-    dalle_cfg = train_config("dalle_digits", tokens_dir, ctx.train_dir)
-    dalle_ckpt = train_stage("train DALL-E", dalle_cfg, ctx.train_dir, seconds)
-    return sample_and_eval(ctx, "ar", "sample_digits.yaml", dalle_ckpt, tokens_dir, dvae_ckpt,
-                           seconds)  # fmt: skip
+    dalle = ctx.train("train DALL-E", "dalle_digits", tokens_dir, seconds)
+    return sample_and_eval(ctx, "ar", "sample_digits.yaml", dalle, tokens_dir, dvae, seconds)
 
 
 def ldm_recipe(ctx: Shared) -> dict:
     """KL-AE -> latents + CLIP text states -> U-Net -> sample -> eval."""
     seconds: dict[str, float | None] = {}
-    klae_cfg = train_config("klae_digits", ctx.clean_shards, ctx.train_dir)
-    klae_ckpt = train_stage("train KL autoencoder", klae_cfg, ctx.train_dir, seconds)
-    latents_dir = ctx.run_dir / "latents"
-    latents = tokenize_stage(
+    klae = ctx.train("train KL autoencoder", "klae_digits", ctx.clean_shards, seconds)
+    latents_dir, latents = ctx.tokenize(
         "tokenize (KL-AE latents + CLIP text states)",
-        CONFIGS / "tokenize_digits_latent.yaml",
-        [
-            f"input={ctx.clean_shards}",
-            f"output={latents_dir}",
-            f"image_tokenizer.path={klae_ckpt.path}",
-            f"text_encoder.checkpoint={ctx.clip_weights}",
-            f"text_encoder.model_config={CONFIGS / 'clip_digits_tiny.json'}",
-        ],
+        "tokenize_digits_latent.yaml",
+        "latents",
+        klae,
         seconds,
+        f"text_encoder.checkpoint={ctx.clip_weights}",
+        f"text_encoder.model_config={CONFIGS / 'clip_digits_tiny.json'}",
     )
     print(f"[demo]   {latents['rows']} rows, latents {latents['latent_shape']}: {latents_dir}")
-    ldm_cfg = train_config("ldm_digits", latents_dir, ctx.train_dir)
-    ldm_ckpt = train_stage("train latent-diffusion U-Net", ldm_cfg, ctx.train_dir, seconds)
-    return sample_and_eval(ctx, "ldm", "sample_digits_ldm.yaml", ldm_ckpt, latents_dir, klae_ckpt,
-                           seconds)  # fmt: skip
+    ldm = ctx.train("train latent-diffusion U-Net", "ldm_digits", latents_dir, seconds)
+    return sample_and_eval(ctx, "ldm", "sample_digits_ldm.yaml", ldm, latents_dir, klae, seconds)
 
 
 def sample_and_eval(ctx: Shared, recipe: str, config: str, model, data: Path, image_tok,

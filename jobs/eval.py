@@ -7,14 +7,12 @@ python -m jobs.eval --config CFG [key.sub=value ...]    # same; usable with `ray
 from __future__ import annotations
 
 import argparse
-import sys
 
+from jobs.cli import add_config_arguments, load_job_config, run_module
 from trainer.evaluate import EvalConfig
 
 
 def register(subparsers) -> None:
-    from jobs.cli import add_config_arguments
-
     p = subparsers.add_parser(
         "eval",
         help="score samples: digit accuracy, diversity, CLIP score, tokenizer PSNR",
@@ -27,17 +25,14 @@ def register(subparsers) -> None:
         ),
     )
     add_config_arguments(p)
-    p.add_argument("--address", help="Ray cluster address (sets ray.address)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.config import load_config
     from jobs.common import init_ray
     from trainer.evaluate import EVAL_FILE, eval_on_ray, format_table
 
-    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
-    cfg = load_config(EvalConfig, args.config, overrides)
+    cfg = load_job_config(EvalConfig, args)
     print(f"eval: samples={cfg.samples} digits={cfg.digits}")
     init_ray(cfg.ray, min_cpus=cfg.num_cpus)
     doc = eval_on_ray(cfg)
@@ -46,11 +41,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("eval")

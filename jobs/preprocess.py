@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.config import load_config
 from data_pipeline.preprocess_config import PreprocessConfig
+from jobs.cli import add_config_arguments, load_job_config, run_module
 
 
 def register(subparsers) -> None:
-    from jobs.cli import add_config_arguments
-
     p = subparsers.add_parser(
         "preprocess",
         help="raw shards -> validated, CLIP-filtered, deduplicated shards",
@@ -32,16 +30,14 @@ def register(subparsers) -> None:
         ),
     )
     add_config_arguments(p, required=False)
-    p.add_argument("--address", help="Ray cluster address (sets ray.address)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.preprocess import PreprocessError, run_preprocess
-    from jobs.common import init_ray
+    from jobs.common import init_ray, print_left_out
 
-    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
-    cfg = load_config(PreprocessConfig, args.config, overrides)
+    cfg = load_job_config(PreprocessConfig, args)
     init_ray(cfg.ray)
     try:
         manifest = run_preprocess(cfg)
@@ -49,17 +45,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"t2i preprocess: failed: {e}", file=sys.stderr)
         return 1
     print(f"preprocess: kept {manifest['samples']} of {manifest['rows_in']} sample(s)")
-    for reason, count in manifest["reasons"].items():
-        print(f"preprocess:   {reason:<20} {count}")
-    print(f"preprocess: output -> {cfg.output}")
+    print_left_out("preprocess", manifest["reasons"], cfg.output)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("preprocess")

@@ -7,14 +7,12 @@ python -m jobs.sample --config CFG [key.sub=value ...]    # same; usable with `r
 from __future__ import annotations
 
 import argparse
-import sys
 
+from jobs.cli import add_config_arguments, load_job_config, run_module
 from trainer.sampling.config import SampleConfig
 
 
 def register(subparsers) -> None:
-    from jobs.cli import add_config_arguments
-
     p = subparsers.add_parser(
         "sample",
         help="sample images for text prompts (ar: KV cache, top-k/top-p; ldm: DDIM + CFG; CLIP rerank)",
@@ -28,18 +26,15 @@ def register(subparsers) -> None:
         ),
     )
     add_config_arguments(p)
-    p.add_argument("--address", help="Ray cluster address (sets ray.address)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.config import load_config
     from jobs.common import init_ray
     from trainer.sampling.config import check_config
     from trainer.sampling.run import sample_on_ray
 
-    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
-    cfg = load_config(SampleConfig, args.config, overrides)
+    cfg = load_job_config(SampleConfig, args)
     check_config(cfg)  # before Ray starts: config mistakes answer at once
     s = cfg.sample
     how = (
@@ -66,11 +61,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["sample", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("sample")

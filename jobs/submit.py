@@ -19,8 +19,9 @@ import argparse
 import asyncio
 import os
 import shlex
-import sys
 import time
+
+from jobs.cli import run_module
 
 # Never uploaded: environments, run outputs, data and caches (the job reads data from its paths).
 EXCLUDES = [
@@ -143,11 +144,5 @@ def run(args: argparse.Namespace) -> int:
     return follow(client, job_id)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["submit", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("submit")

@@ -11,12 +11,11 @@ byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from jobs.cli import add_config_arguments, load_job_config, run_module
 
 
 def register(subparsers) -> None:
-    from jobs.cli import add_config_arguments
-
     p = subparsers.add_parser(
         "tokenize",
         help="clean shards -> token / latent dataset (Parquet + manifest)",
@@ -29,34 +28,23 @@ def register(subparsers) -> None:
         ),
     )
     add_config_arguments(p, required=False)
-    p.add_argument("--address", help="Ray cluster address (sets ray.address)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.config import load_config
     from data_pipeline.tokenize import run_tokenize
     from data_pipeline.tokenize_config import TokenizeConfig
-    from jobs.common import init_ray
+    from jobs.common import init_ray, print_left_out
 
-    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
-    cfg = load_config(TokenizeConfig, args.config, overrides)
+    cfg = load_job_config(TokenizeConfig, args)
     init_ray(cfg.ray)
     manifest = run_tokenize(cfg)
     once = manifest["exactly_once"]
     print(f"tokenize: {once['rows']} row(s) of {once['rows_in']} ({once['quarantined']} "
           f"quarantined) in {len(manifest['shards'])} file(s)")  # fmt: skip
-    for reason, count in manifest["quarantine"]["reasons"].items():
-        print(f"tokenize:   {reason:<20} {count}")
-    print(f"tokenize: output -> {cfg.output}")
+    print_left_out("tokenize", manifest["quarantine"]["reasons"], cfg.output)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["tokenize", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("tokenize")

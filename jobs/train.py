@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.config import load_config
-from jobs.cli import add_config_arguments
+from jobs.cli import add_config_arguments, load_job_config, run_module
 from trainer.config import TrainConfig
 
 
@@ -26,7 +25,6 @@ def register(subparsers) -> None:
         ),
     )
     add_config_arguments(p)
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.set_defaults(func=run)
 
 
@@ -35,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from jobs.common import init_ray
     from trainer.launch import fit, worker_env
 
-    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = load_job_config(TrainConfig, args)
     print(
         f"train: {cfg.name} objective={cfg.objective} workers={cfg.scaling.num_workers} "
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision} steps={cfg.steps}"
@@ -57,11 +54,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_module("train")

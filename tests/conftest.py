@@ -1,4 +1,5 @@
-"""Session-wide fixtures: a real S3 protocol server (moto) on loopback, shared by all tests."""
+"""Fixtures shared by all tests: a real S3 protocol server (moto) on loopback for the session,
+a local Ray instance, fault injection, and one intra-op thread for tiny tensors."""
 
 from __future__ import annotations
 
@@ -95,3 +96,72 @@ def ray_local(s3_server, tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def killed_job(ray_local, tmp_path):
+    """Run a job's CLI (`python -m jobs.<job> ...`) as its own Ray driver on the session's Ray,
+    with `$T2I_FAULT` set to kill it once `phase` has committed K times
+    (data_pipeline/resumable.py `Fault`). Checks that it died by SIGKILL at exactly that point,
+    waits until Ray has ended the dead driver's tasks (so the next run gets the CPUs), and
+    returns the driver's stdout."""
+    import json
+    import signal
+
+    from data_pipeline.resumable import FAULT_ENV, KILLED_FILE
+
+    repo = Path(__file__).resolve().parents[1]
+    address = ray_local.get_runtime_context().gcs_address
+
+    def run(job: str, overrides: list[str], phase: str, after: int) -> str:
+        barrier = tmp_path / f"fault-{uuid.uuid4().hex[:8]}"
+        env = {**os.environ, FAULT_ENV: f"{phase}:{after}:{barrier}", "PYTHONUNBUFFERED": "1"}
+        r = subprocess.run(
+            [sys.executable, "-m", f"jobs.{job}", *overrides, f"ray.address={address}"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
+        killed = json.loads((barrier / KILLED_FILE).read_text())
+        assert killed == {"job": job, "phase": phase, "commits": after}
+        _wait_for_free_cpus(ray_local)
+        return r.stdout
+
+    return run
+
+
+def _wait_for_free_cpus(ray, timeout_s: float = 60.0) -> None:
+    """Until every CPU of the session's Ray is free again: a killed driver's tasks (some wait
+    forever past the kill point) hold theirs until Ray ends its job."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a killed driver's tasks still hold CPUs after {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+# Of every 131 S3 requests one gets a 503, one a reset connection and one a late answer: a job of
+# the tests' size (150-250 requests) meets each once or twice, in different phases. Few, since
+# each retry backs off ~0.5 s (the AWS standard strategy: up to 1 s before the first retry).
+S3_FAULTS = ((131, 5, "503"), (131, 45, "reset"), (131, 85, "delay"))
+
+
+@pytest.fixture
+def s3_fault_proxy(s3_server):
+    """tests/s3_fault_proxy.py's proxy in front of the moto server, injecting `S3_FAULTS`; use
+    `proxy.url` as a job's `storage.endpoint_url`, and `proxy.seen` to check what it injected."""
+    from tests.s3_fault_proxy import FaultProxy, combine, every
+
+    with FaultProxy(s3_server, combine(*(every(*f) for f in S3_FAULTS)), delay_s=0.3) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread; OpenMP spin-waits are slow on busy shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,6 +7,8 @@ Clients use the proxy's URL as their S3 endpoint. Requests are numbered in arriv
     "503"    answer 503 SlowDown without forwarding (the request never reaches moto)
     "reset"  read the request, then reset the connection (TCP RST) without forwarding
     "delay"  forward, then hold the answer for `delay_s` before sending it
+    "cut"    forward a GET, send the status, headers and half the body, then reset the connection
+             (a download broken mid-stream); other requests are forwarded as "ok"
 
 Faults are injected before the request reaches moto, as a throttling or restarting front end
 would, so a retry is always safe; `delay` is the slow-response case (a client whose request
@@ -153,6 +155,19 @@ def _handler(proxy: FaultProxy):
                 return
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            if fault == "cut":
+                if self.command == "GET" and len(data) >= 2:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                with proxy._lock:  # nothing to cut: it was an ordinary answer
+                    proxy.seen["cut"] -= 1
+                    proxy.seen["ok"] += 1
             self.wfile.write(data)
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle

@@ -13,31 +13,31 @@ Layout (local dir or s3://), one directory per step:
         manifest.json               WRITTEN LAST: size + sha256 of every file above
 
 A directory without a valid manifest, or whose files do not match it, is not a checkpoint: the
-loader skips it (a crash mid-save leaves exactly that). We never trust DeepSpeed's `latest` file,
-which it writes before its final barrier. Every rank stages its own files on local disk, uploads
-them, and reports their checksums to rank 0, which writes the manifest once all uploads are done.
+loader skips it and says why (a crash mid-save leaves exactly that). We never trust DeepSpeed's
+`latest` file, which it writes before its final barrier. Every rank stages its own files on local
+disk, uploads them, and reports their checksums to rank 0, which writes the manifest once all
+uploads are done. A save first removes whatever an earlier attempt left at that step.
 
-DeepSpeed's engine state is pickled, and DeepSpeed 0.19 loads it with
-`torch.load(weights_only=False)`, which runs whatever a pickle says. The manifest sits in the same
-bucket, so its sha256 catches corruption, not a planted file. `download` therefore also loads
-every `.pt` file once with `torch.load(weights_only=True)` and an explicit allow-list of the few
-DeepSpeed types its ZeRO 0-3 state holds (`deepspeed_safe_globals`) before DeepSpeed sees it; a file
-that needs anything else is refused (`UnsafeCheckpointError`) and nothing in it runs. Exported
-weights are safetensors, which cannot execute code.
+Resume is decided once, by all ranks alike (`resume`): rank 0 lists the step directories, every
+rank downloads and verifies its own files of the newest complete one, and the ranks exchange
+verdicts. A damaged checkpoint (a sha256 mismatch, a file deleted, a refused pickle) is skipped by
+every rank, named, and the previous one tried; a storage error stops every rank with an error
+naming it. Ranks never resume at different steps.
+
+DeepSpeed 0.19 unpickles its engine state (`torch.load(weights_only=False)`), and the manifest
+sits in the same bucket, so its sha256 catches corruption, not a planted file: `download` checks
+every `.pt` file with a weights-only load first (trainer/safe_files.py). Exported weights are
+safetensors, which cannot execute code.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
-import struct
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -50,6 +50,7 @@ from data_pipeline import fs
 from data_pipeline.config import from_dict, to_yaml
 from trainer import distributed as tdist
 from trainer.engine import NonFiniteError, engine_device, local_params_finite, objective_engines
+from trainer.safe_files import check_weights_only, save_safetensors
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -96,21 +97,26 @@ def upload_dir(
     *,
     part_bytes: int | None = None,
     on_part: Callable[[str, int, int], None] | None = None,
+    on_file: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict]:
     """Copy every file under `local_root` to `dest`; return {relpath: {bytes, sha256}}.
 
     Files of any size go straight to their final names (`fs.upload_file`: multipart on S3, no
     5 GiB server-side-copy ceiling); each appears only once complete, and the checkpoint only once
     the manifest is written after all of them. `part_bytes` overrides the configured part size;
-    `on_part(relpath, parts_done, parts_total)` reports progress of multipart uploads.
+    `on_part(relpath, parts_done, parts_total)` reports progress of multipart uploads,
+    `on_file(files_done, files_total)` each finished file.
     """
     entries = {}
-    for rel in local_files(local_root):
+    rels = local_files(local_root)
+    for i, rel in enumerate(rels):
         src = os.path.join(local_root, rel)
         size, digest = fs.file_digest(src)
         progress = None if on_part is None else functools.partial(on_part, rel)
         fs.upload_file(src, dest.join(rel), part_bytes=part_bytes, on_part=progress)
         entries[rel] = {"bytes": size, "sha256": digest}
+        if on_file is not None:
+            on_file(i + 1, len(rels))
     return entries
 
 
@@ -119,28 +125,39 @@ def write_manifest(dest: fs.Location, step: int, files: dict[str, dict]) -> None
     fs.write_bytes_atomic(dest.join("manifest.json"), json.dumps(doc, indent=2).encode())
 
 
-def read_manifest(ckpt: fs.Location) -> dict | None:
-    """The manifest if `ckpt` is complete (manifest valid, every file present with its size)."""
+def check_complete(ckpt: fs.Location) -> tuple[dict | None, str]:
+    """(manifest, "") if `ckpt` is complete (manifest valid, every file present with its size),
+    else (None, why not)."""
     loc = ckpt.join("manifest.json")
     try:
         doc = json.loads(fs.read_bytes(loc))
-    except (OSError, ValueError):
-        return None
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        return None
+    except FileNotFoundError:
+        return None, "no manifest.json (a save that did not finish)"
+    except (OSError, ValueError) as e:
+        return None, f"manifest.json unreadable: {e}"
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        return None, f"manifest.json is not a {FORMAT} v{VERSION} manifest"
     infos = {
         i.path: i.size
         for i in ckpt.fs.get_file_info(pafs.FileSelector(ckpt.path, recursive=True))
         if i.type == pafs.FileType.File
     }
     for rel, meta in doc.get("files", {}).items():
-        if infos.get(f"{ckpt.path}/{rel}") != meta["bytes"]:
-            return None
-    return doc
+        size = infos.get(f"{ckpt.path}/{rel}")
+        if size is None:
+            return None, f"{rel} is missing"
+        if size != meta["bytes"]:
+            return None, f"{rel} has {size} bytes, the manifest says {meta['bytes']}"
+    return doc, ""
 
 
-def list_complete(run: fs.Location) -> list[tuple[int, fs.Location]]:
-    """(step, location) of every complete checkpoint of a run, newest first."""
+def read_manifest(ckpt: fs.Location) -> dict | None:
+    """The manifest if `ckpt` is complete, else None."""
+    return check_complete(ckpt)[0]
+
+
+def list_steps(run: fs.Location) -> list[tuple[int, fs.Location]]:
+    """(step, location) of every step directory of a run, complete or not, newest first."""
     base = run.join("checkpoints")
     try:
         infos = base.fs.get_file_info(pafs.FileSelector(base.path, allow_not_found=True))
@@ -150,56 +167,13 @@ def list_complete(run: fs.Location) -> list[tuple[int, fs.Location]]:
     for info in infos:
         m = _STEP_RE.search(info.path)
         if info.type == pafs.FileType.Directory and m:
-            loc = base.join(info.base_name)
-            if read_manifest(loc) is not None:
-                found.append((int(m.group(1)), loc))
+            found.append((int(m.group(1)), base.join(info.base_name)))
     return sorted(found, key=lambda t: -t[0])
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file that a weights-only load refuses: it would run code if unpickled."""
-
-
-def deepspeed_safe_globals() -> list:
-    """The non-torch types in DeepSpeed 0.19's checkpoint state, beyond torch's own weights-only
-    set. Found by saving tiny ZeRO-0/1/2/3 checkpoints (fp32 and bf16, torch AdamW) and listing
-    `torch.serialization.get_unsafe_globals_in_checkpoint`: the ZeRO optimizer state holds its
-    stage enum, its loss scaler and (ZeRO-1/2) fragment addresses; the model state holds none.
-    `DynamicLossScaler` is what fp16 runs hold in the same place. All are plain data classes."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-def check_weights_only(path: str, name: str) -> None:
-    """Load `path` with `torch.load(weights_only=True)` plus `deepspeed_safe_globals()`; raise
-    UnsafeCheckpointError naming `name` if it needs anything else. Zip-format files are memory-
-    mapped, so the check reads the pickle, not the tensor data."""
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        raise UnsafeCheckpointError(
-            f"{name}: refusing to load: it needs more than tensors and the allowed DeepSpeed "
-            f"types (would run code if unpickled): {reason[0] if reason else type(e).__name__}"
-        ) from None
-    except (
-        RuntimeError,
-        EOFError,
-        IndexError,
-        KeyError,
-        ValueError,
-        AttributeError,
-        struct.error,
-    ) as e:
-        # A damaged file can fail inside the unpickler in many ways: all mean "unreadable", which
-        # resume treats like any other bad checkpoint (it skips it), never as a crash.
-        raise ValueError(f"{name}: not a readable torch file: {type(e).__name__}: {e}") from None
+def list_complete(run: fs.Location) -> list[tuple[int, fs.Location]]:
+    """(step, location) of every complete checkpoint of a run, newest first."""
+    return [(step, loc) for step, loc in list_steps(run) if read_manifest(loc) is not None]
 
 
 def download(ckpt: fs.Location, local_root: str, *, rank: int | None = None) -> dict:
@@ -219,12 +193,7 @@ def download(ckpt: fs.Location, local_root: str, *, rank: int | None = None) -> 
             continue
         dst = os.path.join(local_root, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        h = hashlib.sha256()
-        with ckpt.fs.open_input_stream(ckpt.join(rel).path) as src, open(dst, "wb") as out:
-            while chunk := src.read(1 << 22):
-                h.update(chunk)
-                out.write(chunk)
-        if h.hexdigest() != meta["sha256"]:
+        if fs.download_file(ckpt.join(rel), dst) != meta["sha256"]:
             raise ValueError(f"{ckpt.join(rel).uri}: sha256 does not match the manifest")
         if rel.endswith(".pt"):
             check_weights_only(dst, ckpt.join(rel).uri)
@@ -247,33 +216,6 @@ def prune(run: fs.Location, keep: int) -> list[str]:
             base.fs.delete_dir(info.path)
             removed.append(info.path)
     return removed
-
-
-def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
-    """`safetensors.torch.save` with a canonical header: same tensors and metadata, same bytes.
-
-    safetensors keeps `metadata` in a Rust HashMap, whose order is random per map, so two saves
-    of identical weights differ in their header (and fingerprint) once there are two metadata
-    keys. We rewrite the JSON header with sorted keys and no spaces, padded to 8 bytes as
-    safetensors pads it; the tensor data and its offsets are untouched."""
-    from safetensors.torch import save
-
-    raw = save(tensors, metadata=metadata)
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    canon = {}
-    if "__metadata__" in header:
-        canon["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
-    canon.update(sorted(header.items()))
-    text = json.dumps(canon, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
-
-
-def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write `safetensors_bytes(tensors, metadata)` to the local file `path`."""
-    with open(path, "wb") as f:
-        f.write(safetensors_bytes(tensors, metadata))
 
 
 def staging_dir(prefix: str) -> str:
@@ -302,57 +244,81 @@ def find_exported(loc: fs.Location, *, weights: str, config: str, what: str) -> 
 
 
 class ResumeError(RuntimeError):
-    """The checkpoint rank 0 chose cannot be loaded on every rank."""
+    """The checkpoint the ranks chose cannot be read on some rank (a storage error)."""
 
 
 def resume(engines: dict, run: fs.Location, rank: int, callbacks: list = ()) -> TrainState:
     """Load one checkpoint of `run` into every part's engine (model and optimizer state) and
-    every callback's per-rank state; fresh state if there is none.
+    every stateful callback's per-rank state; fresh state if there is none. Then every callback's
+    `on_resume(state, skipped)`.
 
-    Decided once: rank 0 picks the newest complete checkpoint that it can read
-    (`pick_checkpoint`) and broadcasts its step; every rank loads that one. If any rank cannot,
-    every rank stops with a `ResumeError` naming it: ranks never resume at different steps (a
-    per-rank fallback to an older checkpoint would train them on different weights)."""
+    Decided once, by all ranks alike (`choose_checkpoint`): the newest checkpoint that every rank
+    can read. A damaged one is skipped by every rank and named; a storage error on a rank other
+    than 0 stops every rank with a `ResumeError` naming the checkpoint: ranks never resume at
+    different steps (a per-rank fallback would train them on different weights)."""
     local = staging_dir(f"load-r{rank}")
     try:
-        step = pick_checkpoint(run, local) if rank == 0 else None
-        step = tdist.broadcast_object(step)
-        if step is None:
-            return TrainState()
-        loc = run.join("checkpoints", step_dir_name(step))
-        error = ""
-        if rank != 0:  # rank 0 already holds its files
-            try:
-                download(loc, local, rank=rank)
-            except (ValueError, OSError) as e:
-                error = f"rank {rank}: {e}"
-        errors = [e for e in tdist.gather_objects(error) if e]
-        if errors:
-            raise ResumeError(
-                f"cannot resume from {loc.uri} (step {step}), the newest complete checkpoint "
-                f"rank 0 could read: {'; '.join(errors)}. No rank falls back to an older one; "
-                f"fix the storage error, or delete that checkpoint directory, and run again"
-            )
-        state = load_staged(engines, local, loc, step, rank, callbacks)
+        step, skipped = choose_checkpoint(run, local, rank)
+        for why in skipped if rank == 0 else ():
+            print(f"[t2i] skipping checkpoint {why}", flush=True)
+        state = TrainState()
+        if step is not None:
+            loc = run.join("checkpoints", step_dir_name(step))
+            state = load_staged(engines, local, loc, step, rank, callbacks)
+            if rank == 0:
+                print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    if rank == 0:
-        print(f"[t2i] resumed from {loc.uri} (step {step})", flush=True)
+    for cb in callbacks:
+        cb.on_resume(state, skipped)
     return state
 
 
-def pick_checkpoint(run: fs.Location, local: str) -> int | None:
-    """Rank 0's choice: the step of the newest complete checkpoint whose rank-0 files download
-    and verify into `local` (left there), or None when there is none."""
-    for step, loc in list_complete(run):
+def choose_checkpoint(run: fs.Location, local: str, rank: int) -> tuple[int | None, list[str]]:
+    """(step, skipped): the newest checkpoint whose files this rank and every other rank
+    downloaded and verified (this rank's are left in `local`), or None; and "uri: why" of each
+    newer step directory passed over. A collective: every rank calls it and gets the same answer.
+
+    Rank 0 lists the step directories once. An incomplete one (no manifest, a file missing or
+    of the wrong size) is skipped; for a complete one every rank fetches its own files and the
+    ranks exchange verdicts: all good -> chosen; damaged on any rank (sha256 mismatch, a file a
+    weights-only load refuses or cannot read) or unreadable on rank 0 -> skipped by all; a
+    storage error on another rank -> ResumeError on every rank.
+    """
+    steps = [(s, check_complete(loc)[1]) for s, loc in list_steps(run)] if rank == 0 else None
+    skipped: list[str] = []
+    for step, incomplete in tdist.broadcast_object(steps):
+        loc = run.join("checkpoints", step_dir_name(step))
+        if incomplete:
+            skipped.append(f"{loc.uri}: {incomplete}")
+            continue
+        verdict = ("ok", "")
         try:
-            download(loc, local, rank=0)
-            return step
-        except (ValueError, OSError) as e:
-            print(f"[t2i] rank 0: skipping checkpoint {loc.uri}: {e}", flush=True)
-            shutil.rmtree(local, ignore_errors=True)
-            os.makedirs(local)
-    return None
+            download(loc, local, rank=rank)
+        except (ValueError, FileNotFoundError) as e:  # the files are not what was committed
+            verdict = ("damaged", f"rank {rank}: {e}")
+        except OSError as e:  # rank 0 picks what it can read; another rank's error stops all
+            verdict = ("damaged" if rank == 0 else "storage", f"rank {rank}: {e}")
+        verdicts = tdist.gather_objects(verdict)
+        errors = [why for kind, why in verdicts if kind == "storage"]
+        if errors:
+            raise ResumeError(
+                f"cannot resume from {loc.uri} (step {step}), the newest complete checkpoint: "
+                f"{'; '.join(errors)}. No rank falls back to an older one on a storage error; "
+                f"fix it, or delete that checkpoint directory, and run again"
+            )
+        damaged = [why for kind, why in verdicts if kind == "damaged"]
+        if not damaged:
+            return step, skipped
+        skipped.append(f"{loc.uri}: damaged: {'; '.join(damaged)}")
+        shutil.rmtree(local, ignore_errors=True)
+        os.makedirs(local)
+    return None, skipped
+
+
+def pick_checkpoint(run: fs.Location, local: str) -> int | None:
+    """`choose_checkpoint` for one process (tools, tests): the step, or None."""
+    return choose_checkpoint(run, local, 0)[0]
 
 
 def load_staged(
@@ -377,7 +343,7 @@ def load_staged(
         torch.set_rng_state(load_file(rng)["torch_cpu"])
     else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
         torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
-    for cb in callbacks:
+    for cb in (cb for cb in callbacks if cb.stateful):
         path = os.path.join(local, callback_file(cb, rank))
         if not os.path.exists(path):
             raise ValueError(f"{loc.uri}: no {cb.name} state for rank {rank} ({path})")
@@ -411,13 +377,16 @@ def save(
     if not tdist.all_ranks_true(finite, engine_device(engines)):
         raise NonFiniteError(f"refusing to checkpoint step {state.step}: parameters are not finite")
     dest = run.join("checkpoints", step_dir_name(state.step))
+    if rank == 0 and fs.exists(dest):  # what an earlier attempt left here: never mixed in
+        dest.fs.delete_dir(dest.path)
+    dist.barrier()
     local = staging_dir(f"save-r{rank}")
     for part, engine in engines.items():  # model + optimizer state of every part
         engine.save_checkpoint(os.path.join(local, ds_dir(part)), tag=DS_TAG, save_latest=False)
     save_file(
         {"torch_cpu": torch.get_rng_state()}, os.path.join(local, f"rng_rank{rank:05d}.safetensors")
     )
-    for cb in callbacks:  # per-rank callback state (an EMA shard), restored by resume()
+    for cb in (cb for cb in callbacks if cb.stateful):  # per-rank state (an EMA shard)
         save_file(cb.state_dict(), os.path.join(local, callback_file(cb, rank)))
     weights = (
         objective.export_state_dict(objective_engines(engines))
@@ -438,7 +407,12 @@ def save(
             write_export = getattr(objective, "write_export", None)
             if write_export is not None:  # an ecosystem layout beside it (diffusers folders)
                 write_export(local, weights)
-    files = upload_dir(local, dest)
+
+    def on_file(done: int, total: int) -> None:
+        for cb in callbacks:
+            cb.on_checkpoint_file(state.step, rank, done, total)
+
+    files = upload_dir(local, dest, on_file=on_file)
     shutil.rmtree(local, ignore_errors=True)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, files)  # also the barrier: every upload is done

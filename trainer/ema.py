@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.callbacks import Callback
+
 
 def compute_ema_decay(updates: int, decay: float) -> float:
     """Decay for update number `updates` (0-based): min(decay, (1 + n) / (10 + n)), diffusers'
@@ -55,10 +57,12 @@ def _partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_tensor")
 
 
-class ShardedEma:
-    """A loop callback: `on_engines`, `on_step_end`, `state_dict`, `load_state_dict`, `export`."""
+class ShardedEma(Callback):
+    """A stateful loop callback (trainer/callbacks.py): `on_engines`, `on_step_end`, its state in
+    every checkpoint; `export()` for the exported weights."""
 
     name = "ema"
+    stateful = True
 
     def __init__(self, decay: float):
         if not 0.0 < decay < 1.0:

@@ -333,14 +333,34 @@ def local_params_finite(engine) -> bool:
 
 
 def export_module_state(engine) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (ZeRO-3 partitions gathered: all ranks must call), else None."""
+    """Full fp32 weights on rank 0, None elsewhere. A collective: every rank must call it.
+
+    fp32 runs export the weights themselves (ZeRO-3 partitions gathered). bf16/fp16 runs export
+    DeepSpeed's fp32 master weights, not the low-precision working copies cast up (which lose
+    every bit below bf16's 8): `safe_get_full_fp32_param` assembles each from the optimizer's
+    partitions (ZeRO-1/2/3, and ZeRO-0's bf16 optimizer) — a collective per parameter, in the
+    same order on every rank. Buffers are exported as held."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
     if engine.zero_optimization_partition_weights():  # ZeRO-3: gather (collective on all ranks)
         sd = engine._zero3_consolidated_16bit_state_dict()
     else:
         sd = engine.module.state_dict() if engine.global_rank == 0 else None
+    named = list(engine.module.named_parameters(remove_duplicate=False))  # tied: every name
+    if any(p.dtype != torch.float32 for _, p in named):
+        done: dict[int, str] = {}  # tied parameters: assembled once, shared by every name
+        for name, p in named:
+            if id(p) in done:
+                if sd is not None and name in sd:
+                    sd[name] = sd[done[id(p)]]
+                continue
+            done[id(p)] = name
+            full = safe_get_full_fp32_param(p)  # every rank; only rank 0 keeps it
+            if sd is not None and name in sd and full is not None:
+                sd[name] = full.reshape(sd[name].shape).cpu()
     if engine.global_rank != 0 or sd is None:
         return None
-    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+    return {k: v.detach().float().cpu().contiguous().clone() for k, v in sd.items()}
 
 
 class NonFiniteError(RuntimeError):

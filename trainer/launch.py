@@ -31,10 +31,10 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path)),
         ldm=dataclasses.replace(cfg.ldm, autoencoder=fix(cfg.ldm.autoencoder)),
         clip=dataclasses.replace(cfg.clip, model_config=fix(cfg.clip.model_config)),
-        vqgan=dataclasses.replace(
-            cfg.vqgan,
-            perceptual_weights=fix(cfg.vqgan.perceptual_weights),
-            init_from=fix(cfg.vqgan.init_from),
+        vqgan_train=dataclasses.replace(
+            cfg.vqgan_train,
+            perceptual_weights=fix(cfg.vqgan_train.perceptual_weights),
+            init_from=fix(cfg.vqgan_train.init_from),
         ),
     )
 

@@ -7,6 +7,8 @@
     loop     :  batch -> on_step(step) -> loss of each part -> guard -> per part: backward, step
                 -> report (+ log_images) ; one code path: ordinary objectives have one part
                 every N steps: checkpoint (all ranks upload, rank 0 writes the manifest last)
+    callbacks:  what watches or perturbs the loop (the EMA, fault injection, the non-finite
+                guard) is called at fixed events: trainer/callbacks.py
 
 Exactly-once data: the dataset order is deterministic (Ray Data `preserve_order`, seeded
 shuffles), so each rank sees the same stream of batches in every attempt; the checkpoint records
@@ -15,21 +17,15 @@ how many batches this epoch consumed and a resumed run skips exactly those.
 
 from __future__ import annotations
 
-import os
-import time
-from collections import Counter
-
 import torch
-import torch.distributed as dist
 
 from data_pipeline import fs
 from data_pipeline.config import from_dict
 from trainer import checkpoint as ckpt_io
-from trainer import distributed as tdist
+from trainer.callbacks import NonFiniteGuard
 from trainer.config import TrainConfig
 from trainer.engine import (
     DTYPES,
-    NonFiniteError,
     engine_device,
     initialize_parts,
     native_bf16,
@@ -39,6 +35,7 @@ from trainer.engine import (
     set_lr,
     trains_only,
 )
+from trainer.faults import FaultInjector
 from trainer.metrics import MetricsLogger, current_rss_gib, measure_peak_flops
 from trainer.objectives import build_objective
 from trainer.schedules import compute_lr
@@ -69,7 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Per-rank stream for dropout and caption noise; a resume restores each rank's saved state,
     # so an interrupted run draws exactly what the uninterrupted one would have.
     torch.manual_seed(cfg.seed * 1000 + rank + 1)
-    callbacks = list(getattr(objective, "callbacks", ()))  # e.g. the EMA (trainer/ema.py)
+    # The objective's own (the EMA, trainer/ema.py), then fault injection (off by default)
+    callbacks = [*getattr(objective, "callbacks", ()), FaultInjector(cfg, run)]
     for cb in callbacks:
         cb.on_engines(engines, rank, world)
     state = ckpt_io.resume(engines, run, rank, callbacks)
@@ -88,27 +86,25 @@ def train_loop_per_worker(config: dict) -> None:
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(DTYPES[precision])
     logger = MetricsLogger(cfg, rank, world, objective, peak)
     logger.rss_before_init = rss_before_init
-    bad_in_a_row = 0
+    guard = NonFiniteGuard(cfg.engine.max_bad_steps, engine_device(engines))
     micro_in_step = 0
-    nan_fired: Counter = Counter()
     on_step = getattr(objective, "on_step", None)
     while state.step < cfg.steps:
         seen_in_pass = 0
         for batch in iter_epoch(shard, cfg, state):
             seen_in_pass += 1
             state.batches_in_epoch += 1
+            for cb in callbacks:
+                cb.on_batch(batch, state)
             if on_step is not None:
                 on_step(state.step)  # schedules (Gumbel tau, KL warm-up, discriminator start)
             active = active_parts(objective, parts, state.step)
             losses, metrics = compute_losses(objective, engines, batch, active)
-            losses[parts[0]] = nan_hook(cfg, losses[parts[0]], state.step, nan_fired)
-            flat = torch.stack([v.detach().float() for v in losses.values()])
-            if not all_ranks_finite(flat, engine_device(engines)):
-                # Skip on every rank together: a partial backward would desync the collectives.
+            for cb in callbacks:
+                losses[parts[0]] = cb.on_loss(losses[parts[0]], state.step)
+            if not guard.losses_ok(losses):  # skipped on every rank together
                 state.skipped_steps += 1
-                bad_in_a_row += 1
                 logger.skipped(state, "non-finite loss")
-                check_bad_steps(bad_in_a_row, cfg)
                 continue
             for part in active:  # in order: e.g. the generator, then the discriminator
                 o = optimizers[part]
@@ -130,13 +126,11 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             micro_in_step = 0
             # DeepSpeed found non-finite gradients (bf16/fp16) in some part: not a step.
-            if not all(engines[p].was_step_applied() for p in active):
+            if not guard.step_applied(engines, active):
                 state.skipped_steps += 1
-                bad_in_a_row += 1
                 logger.skipped(state, "non-finite gradients")
-                check_bad_steps(bad_in_a_row, cfg)
                 continue
-            bad_in_a_row = 0
+            guard.step_done()
             state.step += 1
             for cb in callbacks:
                 cb.on_step_end(engines, state.step)
@@ -162,8 +156,8 @@ def train_loop_per_worker(config: dict) -> None:
                     checkpoint=checkpoint,
                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
                 )
-            kill_hook(cfg, state.step, rank)
-            pause_hook(cfg, state.step)
+            for cb in callbacks:
+                cb.on_step_done(state.step, checkpointed=ckpt_step)
             if last:
                 break
         else:
@@ -248,39 +242,6 @@ def log_images(objective, engines: dict, batch, logger: MetricsLogger, step: int
     logger.images(images, step)
 
 
-def pause_hook(cfg: TrainConfig, step: int) -> None:
-    """Fault injection (cfg.faults): after `pause_at_step`, wait until `pause_until_file`
-    exists (a drill kills a node meanwhile; the resumed attempt starts after that step)."""
-    f = cfg.faults
-    if f.pause_at_step and step == f.pause_at_step and f.pause_until_file:
-        print(f"[t2i] paused after step {step} until {f.pause_until_file} exists", flush=True)
-        while not os.path.exists(f.pause_until_file):
-            time.sleep(0.2)
-
-
-def kill_hook(cfg: TrainConfig, step: int, rank: int) -> None:
-    """Fault injection (cfg.faults): rank 1 (rank 0 when alone) hard-kills its process right after
-    `kill_at_step`, once — the marker file records the kill so the restarted attempt goes on."""
-    f = cfg.faults
-    if not f.kill_at_step or step != f.kill_at_step or rank != min(1, dist.get_world_size() - 1):
-        return
-    if f.kill_marker and os.path.exists(f.kill_marker):
-        return
-    if f.kill_marker:
-        with open(f.kill_marker, "w") as out:
-            out.write(f"killed rank {rank} after step {step}\n")
-    os.kill(os.getpid(), 9)
-
-
-def nan_hook(cfg: TrainConfig, loss: torch.Tensor, step: int, fired: Counter) -> torch.Tensor:
-    """Fault injection (cfg.faults): a NaN loss at each listed step, once per listing (a step
-    listed twice fails twice in a row: the step does not advance when it is skipped)."""
-    if fired[step] < cfg.faults.nan_loss_at_steps.count(step):
-        fired[step] += 1
-        return loss * float("nan")
-    return loss
-
-
 def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
     """This rank's batches for `state.epoch`, skipping those a previous attempt consumed."""
     skip = state.batches_in_epoch
@@ -294,17 +255,3 @@ def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
     for i, batch in enumerate(it):
         if i >= skip:
             yield batch
-
-
-def all_ranks_finite(values: torch.Tensor, device: torch.device) -> bool:
-    """True when every element of `values` (this rank's losses) is finite on every rank; the
-    flag is reduced on `device`, the engine's."""
-    return tdist.all_ranks_finite(values, device)
-
-
-def check_bad_steps(bad_in_a_row: int, cfg: TrainConfig) -> None:
-    if bad_in_a_row >= cfg.engine.max_bad_steps:
-        raise NonFiniteError(
-            f"{bad_in_a_row} consecutive non-finite steps (engine.max_bad_steps="
-            f"{cfg.engine.max_bad_steps}): lower optimizer.lr, check the data, or use bf16/fp32"
-        )

@@ -35,14 +35,14 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
 from data_pipeline import fs
 from data_pipeline.config import StorageConfig, load_config, to_yaml
 from trainer.checkpoint import find_exported
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, VqganTrainSection
 from trainer.models.discriminator import DISC_PREFIX, NLayerDiscriminator
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
 from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer, load_strict
@@ -99,7 +99,8 @@ def load_image_tokenizer(
         for name in (WEIGHTS, CONFIG):
             with open(os.path.join(tmp, name), "wb") as out:
                 out.write(fs.read_bytes(src.join(name)))
-        cfg = load_config(TrainConfig, os.path.join(tmp, CONFIG), require=False)
+        # migrate: a run exported before a key moved (TrainConfig.RENAMED) still loads
+        cfg = load_config(TrainConfig, os.path.join(tmp, CONFIG), require=False, migrate=True)
         if cfg.objective not in BUILDERS:
             raise ValueError(
                 f"{src.join(CONFIG).uri}: objective {cfg.objective!r} is not an image tokenizer "
@@ -134,7 +135,7 @@ def _load_diffusers_klae(loc: fs.Location, device: str | torch.device) -> ImageT
 
 
 def read_init_state(path: str) -> dict[str, torch.Tensor]:
-    """The weights of `VqganConfig.init_from`: a safetensors file or a directory holding one."""
+    """The weights of `vqgan_train.init_from`: a safetensors file or a directory holding one."""
     from safetensors.torch import load
 
     loc = fs.resolve(path)
@@ -308,9 +309,9 @@ def read_taming_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def config_from_taming_yaml(path: str) -> VqganConfig:
-    """A VqganConfig from taming's model YAML (`model.params.{ddconfig, n_embed, embed_dim,
-    lossconfig.params}`)."""
+def config_from_taming_yaml(path: str) -> tuple[VqganConfig, VqganTrainSection]:
+    """The shape (`model.params.{ddconfig, n_embed, embed_dim}`) and the training settings
+    (`model.params.lossconfig.params`) of taming's model YAML."""
     import yaml
 
     doc = yaml.safe_load(fs.read_bytes(fs.resolve(path)).decode())
@@ -322,14 +323,14 @@ def config_from_taming_yaml(path: str) -> VqganConfig:
             f"{path}: not a taming VQGAN config: missing key model.params.{e.args[0]}"
         ) from None
     loss = (params.get("lossconfig") or {}).get("params") or {}
-    known = {f for f in VqganConfig.__dataclass_fields__}
-    kwargs = {k: v for k, v in loss.items() if k in known}
+    known = {f.name for f in fields(VqganTrainSection)}
+    train = {k: v for k, v in loss.items() if k in known}
     if loss.get("use_actnorm"):
         raise ValueError(f"{path}: lossconfig.params.use_actnorm=true is not supported")
     if "disc_conditional" in loss and loss["disc_conditional"]:
         raise ValueError(f"{path}: lossconfig.params.disc_conditional=true is not supported")
     try:
-        return VqganConfig(
+        shape = VqganConfig(
             image_size=int(dd["resolution"]),
             in_channels=int(dd["in_channels"]),
             out_ch=int(dd["out_ch"]),
@@ -342,10 +343,10 @@ def config_from_taming_yaml(path: str) -> VqganConfig:
             double_z=bool(dd.get("double_z", False)),
             n_embed=int(n_embed),
             embed_dim=int(embed_dim),
-            **kwargs,
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing key model.params.ddconfig.{e.args[0]}") from None
+    return shape, VqganTrainSection(**train)
 
 
 def convert_taming_vqgan(
@@ -358,22 +359,23 @@ def convert_taming_vqgan(
     `loss.discriminator.*` is kept with `keep_loss` (to resume GAN training), other `loss.*`
     keys (LPIPS) are dropped."""
     sd = read_taming_state_dict(ckpt_path)
-    cfg = config_from_taming_yaml(config_path)
+    cfg, train = config_from_taming_yaml(config_path)
     tok = VqganTokenizer(cfg)
     load_strict(tok, autoencoder_state(sd), what=ckpt_path, layout="VQGAN")
     state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
     if keep_loss:
-        disc = NLayerDiscriminator(cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers)
+        disc = NLayerDiscriminator(train.disc_in_channels, train.disc_ndf, train.disc_num_layers)
         disc_sd = {k[len(DISC_PREFIX) :]: v for k, v in sd.items() if k.startswith(DISC_PREFIX)}
         load_strict(disc, disc_sd, what=f"{ckpt_path} ({DISC_PREFIX}*)", layout="VQGAN")
         state.update({DISC_PREFIX + k: v.detach().contiguous() for k, v in disc_sd.items()})
     return _write_tokenizer_dir(
         out_dir,
         state,
-        TrainConfig(name="taming-vqgan", objective="vqgan", vqgan=cfg),
+        TrainConfig(name="taming-vqgan", objective="vqgan", vqgan=cfg, vqgan_train=train),
         metadata={"objective": "vqgan", "source": "taming-vqgan"},
         downsample=cfg.downsample,
         vocab_size=cfg.n_embed,
         kept_loss_keys=sum(k.startswith(LOSS_PREFIX) for k in state),
         vqgan=asdict(cfg),
+        vqgan_train=asdict(train),
     )

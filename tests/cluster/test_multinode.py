@@ -221,3 +221,51 @@ def test_spread_training_survives_losing_a_node(cluster, s3_bucket, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# Node IDs of the tasks a submitted job ran (Ray's state API, from a process holding the
+# cluster's token): read with the cluster's own environment.
+TASK_NODES = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_tasks
+address, submission = sys.argv[1], sys.argv[2]
+job = JobSubmissionClient(address).get_job_info(submission).job_id
+tasks = list_tasks(address=address, filters=[("job_id", "=", job)], limit=10000, detail=True)
+print(json.dumps(sorted({(t.name, t.node_id) for t in tasks if t.type == "NORMAL_TASK"})))
+"""
+
+
+@pytest.mark.slow
+def test_preprocess_spreads_over_both_nodes_byte_identical_to_one_node(
+    cluster, ray_local, tmp_path
+):
+    """`t2i preprocess` submitted to the 2-node cluster reads and decodes on both nodes, and its
+    output is byte-identical to the same run on this process's single-node Ray."""
+    import json
+
+    from data_pipeline.config import load_config
+    from data_pipeline.preprocess import run_preprocess
+    from data_pipeline.preprocess_config import PreprocessConfig
+    from tests.data_pipeline.preprocess_fixtures import build_clean
+    from tests.data_pipeline.test_preprocess import tree_bytes
+
+    build_clean(tmp_path / "in", shards=6, per_shard=6)
+    args = [f"input={tmp_path / 'in'}", "clip.enabled=false", "decode_batch_size=4"]
+    one = tmp_path / "one"
+    run_preprocess(
+        load_config(PreprocessConfig, None, [*args, f"output={one}"]), log=lambda *_: None
+    )
+    two = tmp_path / "two"
+    r = t2i(cluster, "--submission-id", "pre", "--working-dir", str(REPO), "--",
+            "preprocess", *args, f"output={two}", timeout=900)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert tree_bytes(two) == tree_bytes(one)
+    probe = subprocess.run(
+        [sys.executable, "-c", TASK_NODES, cluster["address"], "pre"],
+        env=cluster["env"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stdout + probe.stderr[-4000:]
+    tasks = json.loads(probe.stdout.strip().splitlines()[-1])
+    readers = {node for name, node in tasks if "read_shard_task" in name}
+    assert len(readers) == 2, tasks  # the shard readers ran on both nodes

@@ -28,14 +28,6 @@ def openai_pair(tmp_path, one_thread):
     return enc, dec, tmp_path
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def convert(tmp_path, enc: str, dec: str, out: str = "out") -> int:
     return main(
         ["convert", "--from", "openai-dvae", "--encoder", str(tmp_path / enc),

@@ -76,30 +76,27 @@ def ray_head(tmp_path_factory):
         head.wait(timeout=120)
 
 
-def test_submit_runs_a_t2i_command_on_the_cluster(ray_head, tmp_path):
-    address, env = ray_head
-    out = tmp_path / "digits"
-    r = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("t2i")),
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(REPO),
-            "--",
-            "data",
-            "digits",
-            "--out",
-            str(out),
-            "image_size=8",
-            "photos=0",
-        ],
+def t2i_submit(
+    address: str, env: dict, *command: str, timeout: float
+) -> subprocess.CompletedProcess:
+    """The installed `t2i submit --address ADDRESS --working-dir REPO -- COMMAND...`, as a user
+    runs it."""
+    t2i = str(Path(sys.executable).with_name("t2i"))
+    return subprocess.run(
+        [t2i, "submit", "--address", address, "--working-dir", str(REPO), "--", *command],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=REPO,
+    )
+
+
+def test_submit_runs_a_t2i_command_on_the_cluster(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "digits"
+    r = t2i_submit(
+        address, env, "data", "digits", "--out", str(out), "image_size=8", "photos=0", timeout=300
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCEEDED" in r.stdout and "data: done" in r.stdout  # the job's own log, streamed
@@ -109,30 +106,19 @@ def test_submit_runs_a_t2i_command_on_the_cluster(ray_head, tmp_path):
 def test_submit_train_runs_on_the_cluster(ray_head, tmp_path):
     """`t2i train` on a running cluster (not the test's local instance), through the Jobs API."""
     address, env = ray_head
-    r = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("t2i")),
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(REPO),
-            "--",
-            "train",
-            "--config",
-            "jobs/configs/dalle_tiny.yaml",
-            "name=submitted",
-            f"checkpoint.storage_path={tmp_path}",
-            "steps=2",
-            "log_every=1",
-            "scaling.num_workers=1",
-            "checkpoint.export_weights=false",
-        ],
-        env={**env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "DS_ACCELERATOR": "cpu"},
-        capture_output=True,
-        text=True,
+    r = t2i_submit(
+        address,
+        {**env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "DS_ACCELERATOR": "cpu"},
+        "train",
+        "--config",
+        "jobs/configs/dalle_tiny.yaml",
+        "name=submitted",
+        f"checkpoint.storage_path={tmp_path}",
+        "steps=2",
+        "log_every=1",
+        "scaling.num_workers=1",
+        "checkpoint.export_weights=false",
         timeout=600,
-        cwd=REPO,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "train: done" in r.stdout and "SUCCEEDED" in r.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from data_pipeline.config import to_yaml
+from data_pipeline.config import load_config, to_yaml
 from data_pipeline.digits import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption_for
 from data_pipeline.fs import file_digest
 from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
@@ -17,6 +17,7 @@ from data_pipeline.token_dataset import FORMAT, VERSION
 from trainer.config import TrainConfig
 from trainer.models.dalle import DalleTransformer, dalle_preset
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
+from trainer.sampling.config import SampleConfig
 
 TEXT_LEN = 8
 GRID = 4  # 16 code tokens per image
@@ -187,3 +188,12 @@ def make_ldm_inputs(root: Path) -> dict[str, str]:
         "image_tokenizer": str(klae),
         "model": str(make_ldm(root / "ldm", root / "latents")),
     }
+
+
+def sample_config(inputs: dict[str, str], out, *overrides: str) -> SampleConfig:
+    """A `t2i sample` config reading `inputs` (`make_sample_inputs` / `make_ldm_inputs`) and
+    writing to `out`: 3 prompts, 3 candidates each, the best 2 kept, fp32, one CPU."""
+    base = [f"{k}={v}" for k, v in inputs.items()]
+    base += [f"output={out}", f"sample.prompts={json.dumps(DIGIT_PROMPTS[:3])}"]
+    base += ["sample.candidates=3", "sample.keep=2", "precision=fp32", "num_cpus=1"]
+    return load_config(SampleConfig, None, base + list(overrides))

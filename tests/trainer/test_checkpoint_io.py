@@ -8,6 +8,7 @@ import torch
 
 from data_pipeline import fs
 from trainer import checkpoint as ck
+from trainer import safe_files as sf
 
 
 def pt_bytes(obj) -> bytes:
@@ -194,7 +195,7 @@ def test_planted_pickle_payload_is_refused(tmp_path):
     bad = make_ckpt(run, 20, tmp_path, files=files)
     assert [s for s, _ in ck.list_complete(run)] == [20, 10]  # the manifest matches
 
-    with pytest.raises(ck.UnsafeCheckpointError, match=f"{optim}: refusing to load"):
+    with pytest.raises(sf.UnsafeCheckpointError, match=f"{optim}: refusing to load"):
         ck.download(bad, str(tmp_path / "dl"), rank=0)
     local = tmp_path / "resume"
     local.mkdir()
@@ -227,13 +228,23 @@ for stage, prec in [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")]:
     eng.backward(loss)
     eng.step()
     eng.save_checkpoint(os.path.join(sys.argv[1], f"z{stage}_{prec}"), tag="state")
+    # What the run would export, and the working weights it trains with, for the export test.
+    from safetensors.torch import save_file
+    from trainer.engine import export_module_state
+    from deepspeed.runtime.zero import GatheredParameters
+    exported = export_module_state(eng)
+    with GatheredParameters(list(eng.module.parameters())):
+        working = {k: v.float().clone() for k, v in eng.module.state_dict().items()}
+    save_file(exported, os.path.join(sys.argv[1], f"export_z{stage}_{prec}.safetensors"))
+    save_file(working, os.path.join(sys.argv[1], f"working_z{stage}_{prec}.safetensors"))
 """
 
 
 @pytest.mark.slow
 def test_real_deepspeed_state_passes_the_weights_only_check(tmp_path):
     """Real DeepSpeed 0.19 ZeRO-0/1/2/3 state (fp32, bf16) loads under the allow-list, and the
-    allow-list is needed: plain weights_only=True refuses the ZeRO optimizer files."""
+    allow-list is needed: plain weights_only=True refuses the ZeRO optimizer files. The same
+    engines' exports are their fp32 master weights."""
     import subprocess
     import sys
 
@@ -246,7 +257,7 @@ def test_real_deepspeed_state_passes_the_weights_only_check(tmp_path):
     pts = sorted(str(p) for p in tmp_path.rglob("*.pt"))
     assert len(pts) == 7  # stage 0: one file; stages 1-3: model + optimizer
     for p in pts:
-        ck.check_weights_only(p, p)
+        sf.check_weights_only(p, p)
     refused = []
     for p in pts:
         try:
@@ -254,6 +265,25 @@ def test_real_deepspeed_state_passes_the_weights_only_check(tmp_path):
         except Exception:
             refused.append(os.path.basename(os.path.dirname(os.path.dirname(p))))
     assert sorted(refused) == ["z1_bf16", "z2_fp32", "z3_bf16"]
+
+    # The export is fp32 master weights: for fp32 runs the weights themselves; for bf16 runs
+    # within bf16 rounding of the working copy but not that copy cast up (after an AdamW step
+    # of ~1e-3 the masters sit between bf16 values).
+    from safetensors.torch import load_file
+
+    for run in ("z0_fp32", "z1_bf16", "z2_fp32", "z3_bf16"):
+        exported = load_file(str(tmp_path / f"export_{run}.safetensors"))
+        working = load_file(str(tmp_path / f"working_{run}.safetensors"))
+        assert exported.keys() == working.keys() and all(
+            v.dtype == torch.float32 for v in exported.values()
+        )
+        for k, w in working.items():
+            if run.endswith("fp32") or w.dim() == 0:
+                assert torch.equal(exported[k], w), (run, k)
+                continue
+            m = exported[k]
+            assert torch.equal(m.bfloat16().float(), w), (run, k)  # rounds to the working copy
+            assert not torch.equal(m, w), (run, k)  # but is not it: bits below bf16's 8 kept
 
 
 def test_safetensors_bytes_are_deterministic(tmp_path):
@@ -263,14 +293,14 @@ def test_safetensors_bytes_are_deterministic(tmp_path):
     weights = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(2).bfloat16()}
     meta = {"objective": "dalle", "step": "100", "source": "test", "format": "pt"}
     assert len({save(weights, metadata=meta) for _ in range(20)}) > 1  # the problem
-    ours = {ck.safetensors_bytes(weights, meta) for _ in range(20)}
+    ours = {sf.safetensors_bytes(weights, meta) for _ in range(20)}
     assert len(ours) == 1
-    ck.save_safetensors(weights, str(tmp_path / "m.safetensors"), meta)
+    sf.save_safetensors(weights, str(tmp_path / "m.safetensors"), meta)
     assert (tmp_path / "m.safetensors").read_bytes() in ours
     back = load_file(str(tmp_path / "m.safetensors"))
     assert back.keys() == weights.keys()
     assert all(torch.equal(back[k], weights[k]) and back[k].dtype == weights[k].dtype for k in back)
-    assert load(ck.safetensors_bytes(weights)).keys() == weights.keys()  # no metadata
+    assert load(sf.safetensors_bytes(weights)).keys() == weights.keys()  # no metadata
 
 
 def test_a_damaged_torch_file_is_unreadable_not_a_crash(tmp_path):
@@ -279,7 +309,7 @@ def test_a_damaged_torch_file_is_unreadable_not_a_crash(tmp_path):
 
     import torch
 
-    from trainer.checkpoint import check_weights_only
+    from trainer.safe_files import check_weights_only
 
     buf = io.BytesIO()
     torch.save({"w": torch.ones(4)}, buf)

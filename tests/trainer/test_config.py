@@ -1,5 +1,5 @@
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -128,6 +128,75 @@ def test_presets_in_yaml_and_on_the_command_line(tmp_path):
     assert cfg.dalle == dalle_preset("tiny", depth=2)  # presets apply first, whatever the order
     with pytest.raises(ConfigError, match=r"'dalle.preset': unknown DALL-E preset 'huge'"):
         load_config(TrainConfig, p, ["dalle.preset=huge"])
+
+
+@dataclass
+class Opt:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+@dataclass
+class Moved:
+    """`Outer` after two keys moved: `inner.lr` to `opt.lr`, and `steps` into `opt`."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"inner.lr": "opt.lr", "steps": "opt.steps"}
+    name: str = REQUIRED
+    inner: Inner = field(default_factory=Inner)
+    opt: Opt = field(default_factory=Opt)
+
+
+def test_renamed_keys_fail_naming_the_new_key_and_migrate_on_request(tmp_path):
+    p = write(tmp_path, "name: x\nsteps: 3\ninner:\n  lr: 0.5\n  mode: b\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Moved, p)
+    assert str(p) in str(e.value) and "'inner.lr'" in str(e.value) and "'opt.lr'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'steps'.* 'opt\.steps'"):
+        load_config(Moved, None, ["name=x", "steps=3"])
+    with pytest.raises(ConfigError, match=r"'inner\.lr'.* 'opt\.lr'"):
+        load_config(Moved, None, ["name=x", "inner.lr=0.1"])
+    # A config that an earlier version wrote (a run directory's) loads with `migrate`.
+    cfg = load_config(Moved, p, migrate=True)
+    assert (cfg.opt.lr, cfg.opt.steps, cfg.inner.mode) == (0.5, 3, "b")
+    both = write(tmp_path, "name: x\nsteps: 3\nopt:\n  steps: 4\n")
+    with pytest.raises(ConfigError, match="both 'steps' and its new name 'opt.steps'"):
+        load_config(Moved, both, migrate=True)
+
+
+def test_train_settings_moved_out_of_the_model_shapes(tmp_path):
+    """dalle.text_insert_p and the other training-only keys of the shape sections (#13) live in
+    `<objective>_train:`; the old keys are errors naming the new ones; old run configs load."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from trainer.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"'dalle\.text_insert_p'.* 'dalle_train\.text_insert_p'"):
+        load_config(TrainConfig, None, ["name=x", "dalle.text_insert_p=0.5"])
+    sections = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(name="x")
+    for old, new in TrainConfig.RENAMED.items():
+        (old_sec, key), (new_sec, new_key) = old.split("."), new.split(".")
+        assert key == new_key and new_sec == f"{old_sec}_train" and new_sec in sections
+        assert hasattr(getattr(cfg, new_sec), key) and not hasattr(getattr(cfg, old_sec), key)
+    old_run = write(
+        tmp_path,
+        "name: x\nobjective: vqgan\nvqgan:\n  n_embed: 64\n  disc_start: 7\n"
+        "faults:\n  kill_at_step: 0\n  kill_marker: ''\n",  # replaced keys: dropped
+    )
+    cfg = load_config(TrainConfig, old_run, migrate=True)
+    assert (cfg.vqgan.n_embed, cfg.vqgan_train.disc_start) == (64, 7)
+    assert cfg.faults.kill_at_steps == [] and cfg.faults.marker_dir == ""
+    with pytest.raises(ConfigError, match=r"'faults\.kill_at_step'.* 'faults\.kill_at_steps'"):
+        load_config(TrainConfig, None, ["name=x", "faults.kill_at_step=3"])
+    with pytest.raises(ConfigError, match=r"'faults\.kill_marker'.* 'faults\.marker_dir'"):
+        load_config(TrainConfig, write(tmp_path, "name: x\nfaults:\n  kill_marker: m\n"))
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    moved = {"dvae": "tau_steps", "vqgan": "disc_start", "klae": "scale_batches"}
+    for objective, key in moved.items():  # the shipped configs set them in the new sections
+        cfg = load_config(TrainConfig, configs / f"{objective}_digits.yaml")
+        assert getattr(getattr(cfg, f"{objective}_train"), key) > 0
+    assert load_config(TrainConfig, configs / "dalle_digits.yaml").dalle_train.text_insert_p > 0
 
 
 def test_shipped_configs_load():

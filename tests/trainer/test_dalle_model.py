@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainer.config import DalleTrainSection
 from trainer.models.dalle import (
     DalleConfig,
     DalleTransformer,
@@ -405,6 +406,6 @@ def test_corrupt_text_replace_and_identity():
 
 def test_caption_noise_probabilities_are_checked():
     with pytest.raises(ValueError, match="text_insert_p"):
-        tiny(text_insert_p=1.5)
+        DalleTrainSection(text_insert_p=1.5)
     with pytest.raises(ValueError, match="text_replace_p"):
-        tiny(text_replace_p=-0.1)
+        DalleTrainSection(text_replace_p=-0.1)

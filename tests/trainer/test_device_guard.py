@@ -31,12 +31,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks.gpu_smoke import tiny_overrides
 from data_pipeline import fs
 from data_pipeline.config import load_config
 from tests.conftest import free_port
 from trainer import checkpoint as ck
 from trainer import distributed as tdist
 from trainer import loop
+from trainer.callbacks import NonFiniteGuard
 from trainer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,7 +198,7 @@ def fake_engine(device: torch.device, module: torch.nn.Module):
 
 
 def test_loop_collectives_use_the_engine_device(world_of_one, lazy, monkeypatch, tmp_path):
-    """all_ranks_finite, save's finiteness flag, resume's agreement, all_ranks_sum: with the
+    """The non-finite guard, save's finiteness flag, resume's agreement, all_ranks_sum: with the
     engine on a non-CPU device, every tensor they hand to a collective is on that device."""
     from trainer.metrics import all_ranks_sum
 
@@ -209,8 +211,9 @@ def test_loop_collectives_use_the_engine_device(world_of_one, lazy, monkeypatch,
         losses = torch.stack(
             [module(torch.ones(3, device=lazy)).sum(), torch.ones((), device=lazy)]
         )
-        assert loop.all_ranks_finite(losses, loop.engine_device(engines))
-        assert not loop.all_ranks_finite(losses * float("nan"), loop.engine_device(engines))
+        nonfinite = NonFiniteGuard(max_bad=5, device=loop.engine_device(engines))
+        assert nonfinite.losses_ok({"model": losses})
+        assert not nonfinite.losses_ok({"model": losses * float("nan")})
         monkeypatch.setattr(tdist, "collective_device", lambda: lazy)
         assert all_ranks_sum(2.5) == 2.5
         state = ck.TrainState(step=3, epoch=1, batches_in_epoch=2)
@@ -236,7 +239,7 @@ def test_vqgan_dead_code_restart_reduces_on_the_model_device(world_of_one, lazy,
             "vqgan.n_embed=16",
             "vqgan.z_channels=8",
             "vqgan.embed_dim=4",
-            "vqgan.dead_code_every=1",
+            "vqgan_train.dead_code_every=1",
         ],
     )
     objective = VqganObjective(cfg)
@@ -244,7 +247,7 @@ def test_vqgan_dead_code_restart_reduces_on_the_model_device(world_of_one, lazy,
     model = objective.build_parts()["model"].to(lazy)
     monkeypatch.setattr("trainer.objectives.vqgan.set_full_param", _copy_param)
     batch = {"image": torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, device=lazy)}
-    objective._usage[:4] = 5  # codes 0..3 used, the rest never
+    objective.usage.counts[:4] = 5  # codes 0..3 used, the rest never
     objective.on_step(1)
     with CollectiveGuard(lazy) as guard:
         n = objective.maybe_restart_dead_codes({"model": SimpleNamespace(module=model)}, batch)
@@ -273,37 +276,9 @@ def digits(tmp_path_factory):
 
 
 def objective_config(objective: str, storage: Path, digits: Path, *extra: str) -> TrainConfig:
-    """A tiny config of `objective` (the tests' own sizes), 1 worker, fp32."""
-    shards = f"data.path={digits}/train"
-    per = {
-        "dalle": ("dalle_tiny.yaml", []),
-        "ldm": ("ldm_tiny.yaml", []),
-        "clip": (
-            "clip_digits.yaml",
-            [shards, f"clip.model_config={CONFIGS}/clip_digits_tiny.json", "data.batch_size=8"],
-        ),
-        "dvae": (
-            "dvae_digits.yaml",
-            [shards, "dvae.n_hid=16", "dvae.n_init=16", "dvae.vocab_size=32", "data.batch_size=8"],
-        ),
-        "vqgan": (
-            "vqgan_digits.yaml",
-            [
-                shards,
-                "vqgan.image_size=16",
-                "vqgan.ch_mult=[1, 2]",
-                "vqgan.n_embed=16",
-                "vqgan.z_channels=8",
-                "vqgan.embed_dim=4",
-                "vqgan.disc_ndf=8",
-                "vqgan.disc_start=0",  # both parts step from the start
-                "vqgan.dead_code_every=1",  # the restart's collectives run at step 1
-                "data.batch_size=8",
-            ],
-        ),
-        "klae": ("klae_digits.yaml", [shards, "data.batch_size=8", "klae.scale_batches=1"]),
-    }
-    name, overrides = per[objective]
+    """A tiny config of `objective` (the GPU smoke run's sizes), 1 worker, fp32, batch 8."""
+    name, overrides = tiny_overrides(objective, str(digits))
+    smaller = ["dvae.vocab_size=32"] if objective == "dvae" else []
     return load_config(
         TrainConfig,
         CONFIGS / name,
@@ -317,7 +292,9 @@ def objective_config(objective: str, storage: Path, digits: Path, *extra: str) -
             "checkpoint.keep=0",
             "failure_max_retries=0",
             "optimizer.warmup_steps=1",
+            "data.batch_size=8",
             *overrides,
+            *smaller,
             *extra,
         ],
     )
@@ -442,12 +419,18 @@ def _resume_rank(rank: int, port: int, storage: str, failing_rank: int, out: str
     Path(out).write_text(json.dumps(result))
 
 
-def resume_two_ranks(tmp_path: Path, failing_rank: int) -> list[dict]:
+def resume_two_ranks(tmp_path: Path, failing_rank: int, damaged: bool = False) -> list[dict]:
     import torch.multiprocessing as mp
 
     run = fs.resolve(str(tmp_path)).join("run")
     for step in (2, 4):
         write_checkpoint(run, step, world=2)
+    if damaged:  # one byte of rank 1's own shard of step 4 flipped in storage: same size
+        shard = run.join("checkpoints", ck.step_dir_name(4), "ds", ck.DS_TAG)
+        shard = shard.join("zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        data = bytearray(fs.read_bytes(shard))
+        data[len(data) // 2] ^= 0xFF
+        fs.write_bytes_atomic(shard, bytes(data))
     outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
     port = free_port()
     procs = [
@@ -475,4 +458,11 @@ def test_ranks_never_resume_from_different_checkpoints(tmp_path):
 
 def test_rank0_skips_a_checkpoint_it_cannot_read_and_every_rank_follows(tmp_path):
     got = resume_two_ranks(tmp_path, failing_rank=0)
+    assert got == [{"step": 2, "loaded": 1}, {"step": 2, "loaded": 1}]
+
+
+def test_a_checkpoint_damaged_on_another_rank_is_skipped_by_every_rank(tmp_path):
+    """Rank 1's own shard of the newest checkpoint is damaged (its sha256 fails; rank 0's files
+    are fine): both ranks skip it alike and resume from step 2."""
+    got = resume_two_ranks(tmp_path, failing_rank=-1, damaged=True)
     assert got == [{"step": 2, "loaded": 1}, {"step": 2, "loaded": 1}]

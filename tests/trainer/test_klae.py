@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_pipeline.config import to_yaml
-from trainer.config import TrainConfig
+from trainer.config import KlaeTrainSection, TrainConfig
 from trainer.models.klae import (
     SCALE_KEY,
     Klae,
@@ -74,7 +74,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="image_size 18 is not a multiple of the downsampling"):
         tiny_cfg(image_size=18)
     with pytest.raises(ValueError, match="recon_loss"):
-        tiny_cfg(recon_loss="l2")
+        KlaeTrainSection(recon_loss="l2")
 
 
 def test_exported_state_dict_loads_strictly_into_diffusers(tmp_path, one_thread):
@@ -161,7 +161,9 @@ def test_objective_scaling_factor_gives_unit_std_latents(tmp_path, one_thread):
     """The objective keeps its first `scale_batches` micro-batches; at export it measures the
     factor on them with the final weights; the restored tokenizer's latents have unit std there."""
     torch.manual_seed(0)
-    cfg = TrainConfig(name="t", objective="klae", klae=tiny_cfg(scale_batches=2))
+    cfg = TrainConfig(
+        name="t", objective="klae", klae=tiny_cfg(), klae_train=KlaeTrainSection(scale_batches=2)
+    )
     objective = KlaeObjective(cfg)
     model = objective.build_model()
     engine = SimpleNamespace(module=model)
@@ -220,7 +222,7 @@ def test_klae_trains_on_digits_and_exports_a_tokenizer(ray_local, tmp_path):
             "steps=9",
             "log_every=3",
             "data.batch_size=16",
-            "klae.scale_batches=5",
+            "klae_train.scale_batches=5",
             "optimizer.warmup_steps=2",
             "failure_max_retries=0",
         ],

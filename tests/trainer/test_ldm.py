@@ -304,8 +304,8 @@ def test_ldm_trains_under_zero3_and_zero2_with_ema_resume_and_diffusers_export(
 
     clean = _fit(tmp_path, "z3", digits_latents)
     # The same run, one worker hard-killed after step 3: resumes from the step-3 checkpoint.
-    killed = _fit(tmp_path, "z3kill", digits_latents, "faults.kill_at_step=3",
-                  f"faults.kill_marker={tmp_path}/killed", "failure_max_retries=1")  # fmt: skip
+    killed = _fit(tmp_path, "z3kill", digits_latents, "faults.kill_at_steps=[3]",
+                  f"faults.marker_dir={tmp_path}/killed", "failure_max_retries=1")  # fmt: skip
     zero2 = _fit(tmp_path, "z2", digits_latents, "engine.zero_stage=2")
     assert (tmp_path / "killed").exists()
 

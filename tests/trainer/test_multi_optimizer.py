@@ -72,7 +72,8 @@ def exported(storage: Path, name: str, step: int) -> dict[str, torch.Tensor]:
 def test_gan_worker_killed_resumes_both_optimizers_exactly(ray_local, tmp_path, digits):
     """The GAN is on from step 0, so both parts have Adam state. A worker dies after step 3; the
     restarted group resumes from step 2 and ends bit-identical to an uninterrupted run, which
-    needs both parts' weights AND both optimizers' moments restored. (The two runs are separate
+    needs both parts' weights AND both optimizers' moments restored, and the dead-code usage
+    counts (a restart at step 3). (The two runs are separate
     `fit`s of a cached dataset: this also checks that `data.cache` keeps the order.)"""
     from trainer.launch import fit
 
@@ -81,8 +82,10 @@ def test_gan_worker_killed_resumes_both_optimizers_exactly(ray_local, tmp_path, 
         "log_every=2",
         "checkpoint.every_steps=2",
         "checkpoint.keep=0",
-        "vqgan.disc_start=0",
-        "vqgan.dead_code_every=0",
+        "vqgan_train.disc_start=0",
+        # Dead codes restart at step 3, from the usage counted since step 0: the resumed run
+        # (from step 2) must restore the counts of steps 1-2 to restart the same codes.
+        "vqgan_train.dead_code_every=3",
     )
     clean = fit(vqgan_train_config(tmp_path / "clean", "gan", digits, *common))
     assert clean.error is None, clean.error
@@ -94,8 +97,8 @@ def test_gan_worker_killed_resumes_both_optimizers_exactly(ray_local, tmp_path, 
             digits,
             *common,
             "failure_max_retries=1",
-            "faults.kill_at_step=3",
-            f"faults.kill_marker={marker}",
+            "faults.kill_at_steps=[3]",
+            f"faults.marker_dir={marker}",
         )
     )
     assert faulty.error is None, faulty.error
@@ -112,3 +115,6 @@ def test_gan_worker_killed_resumes_both_optimizers_exactly(ray_local, tmp_path, 
     assert a.keys() == b.keys() and any(k.startswith("loss.discriminator.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    for rank in (0, 1):  # and each rank's code counts, taken over 2 steps
+        usage = load_file(str(step2 / f"code_usage_rank{rank:05d}.safetensors"))
+        assert usage["counts"].sum() > 0 and int(usage["restarted_at"]) == 0

@@ -20,6 +20,7 @@ from tests.trainer.sample_fixtures import (
     TEXT_LEN,
     make_dvae,
     make_sample_inputs,
+    sample_config,
 )
 from trainer.models.dalle import DalleTransformer, dalle_preset
 from trainer.sampling.ar import filter_logits, generate_ar, load_dalle, next_codes, sample_codes
@@ -129,15 +130,8 @@ def inputs(tmp_path_factory):
     return make_sample_inputs(tmp_path_factory.mktemp("sample-inputs"))
 
 
-def make_cfg(inputs, out, *overrides) -> SampleConfig:
-    base = [f"{k}={v}" for k, v in inputs.items()]
-    base += [f"output={out}", f"sample.prompts={json.dumps(DIGIT_PROMPTS[:3])}"]
-    base += ["sample.candidates=3", "sample.keep=2", "precision=fp32", "num_cpus=1"]
-    return load_config(SampleConfig, None, base + list(overrides))
-
-
 def test_fixed_seed_reproduces_codes_and_images(one_thread, inputs, tmp_path):
-    cfg = make_cfg(inputs, tmp_path, "sample.top_k=32", "sample.batch_size=4")
+    cfg = sample_config(inputs, tmp_path, "sample.top_k=32", "sample.batch_size=4")
     prompts = read_prompts(cfg)
     a = generate_ar(cfg, prompts, "cpu", log=lambda *_: None)
     b = generate_ar(cfg, prompts, "cpu", log=lambda *_: None)
@@ -152,7 +146,7 @@ def test_fixed_seed_reproduces_codes_and_images(one_thread, inputs, tmp_path):
 def test_a_truncated_prompt_is_warned_about(one_thread, inputs, tmp_path):
     long = "someone wrote the number seven and then the number eight"
     prompts = json.dumps(["the number 7", long])
-    cfg = make_cfg(inputs, tmp_path, f"sample.prompts={prompts}", "sample.candidates=1")
+    cfg = sample_config(inputs, tmp_path, f"sample.prompts={prompts}", "sample.candidates=1")
     lines: list[str] = []
     generate_ar(cfg, read_prompts(cfg), "cpu", log=lines.append)
     (warned,) = [line for line in lines if line.startswith("warning: prompt")]
@@ -161,7 +155,7 @@ def test_a_truncated_prompt_is_warned_about(one_thread, inputs, tmp_path):
 
 def test_run_sample_writes_reranked_images_jsonl_and_grid(one_thread, inputs, tmp_path):
     out = tmp_path / "out"
-    cfg = make_cfg(inputs, out)
+    cfg = sample_config(inputs, out)
     summary = run_sample(cfg, log=lambda *_: None)
     assert summary["images"] == 6 and summary["candidates"] == 9
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -191,7 +185,7 @@ def test_run_sample_writes_reranked_images_jsonl_and_grid(one_thread, inputs, tm
     assert grid.height >= 3 * 96 and grid.width > 2 * 96  # tiny images upscaled, label column
     assert (out / "config.yaml").exists()
     # without CLIP: the first `keep` candidates in order, no score
-    run_sample(make_cfg(inputs, out / "plain", "clip.enabled=false"), log=lambda *_: None)
+    run_sample(sample_config(inputs, out / "plain", "clip.enabled=false"), log=lambda *_: None)
     plain = [json.loads(x) for x in (out / "plain" / "samples.jsonl").read_text().splitlines()]
     assert [r["candidate"] for r in plain[:2]] == [0, 1]
     assert all(r["clip_score"] is None for r in plain)
@@ -199,17 +193,19 @@ def test_run_sample_writes_reranked_images_jsonl_and_grid(one_thread, inputs, tm
 
 def test_config_and_prompt_errors_name_the_key(inputs, tmp_path):
     with pytest.raises(ValueError, match="sample.keep"):
-        check_config(make_cfg(inputs, tmp_path, "sample.keep=5"))
+        check_config(sample_config(inputs, tmp_path, "sample.keep=5"))
     with pytest.raises(ValueError, match="sample.top_p"):
-        check_config(make_cfg(inputs, tmp_path, "sample.top_p=0"))
+        check_config(sample_config(inputs, tmp_path, "sample.top_p=0"))
     with pytest.raises(ValueError, match="no prompts"):
-        check_config(make_cfg(inputs, tmp_path, "sample.prompts=[]"))
+        check_config(sample_config(inputs, tmp_path, "sample.prompts=[]"))
     (tmp_path / "p.txt").write_text("# digits\nthe number 7\n\n  a drawing of the numeral 3 \n")
-    cfg = make_cfg(inputs, tmp_path, f"sample.prompts_file={tmp_path}/p.txt")  # replaces the list
+    cfg = sample_config(
+        inputs, tmp_path, f"sample.prompts_file={tmp_path}/p.txt"
+    )  # replaces the list
     assert read_prompts(cfg) == ["the number 7", "a drawing of the numeral 3"]
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="empty.txt: no prompts"):
-        read_prompts(make_cfg(inputs, tmp_path, f"sample.prompts_file={tmp_path}/empty.txt"))
+        read_prompts(sample_config(inputs, tmp_path, f"sample.prompts_file={tmp_path}/empty.txt"))
 
 
 def test_model_from_a_run_dir_takes_the_newest_complete_checkpoint(inputs, tmp_path):
@@ -238,6 +234,6 @@ def test_model_from_a_run_dir_takes_the_newest_complete_checkpoint(inputs, tmp_p
 
 def test_an_image_tokenizer_other_than_the_datasets_is_refused(inputs, tmp_path):
     other = make_dvae(tmp_path / "other-dvae", seed=1)  # same shape, other weights
-    cfg = make_cfg(inputs, tmp_path, f"image_tokenizer={other}")
+    cfg = sample_config(inputs, tmp_path, f"image_tokenizer={other}")
     with pytest.raises(ValueError, match="differ from the tokenizer"):
         generate_ar(cfg, read_prompts(cfg), "cpu", log=lambda *_: None)

@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from data_pipeline.config import load_config
-from tests.trainer.sample_fixtures import DIGIT_PROMPTS, make_ldm_inputs
+from tests.trainer.sample_fixtures import make_ldm_inputs, sample_config
 from trainer.sampling.common import Chunk, assemble
 from trainer.sampling.config import SampleConfig
 from trainer.sampling.run import run_sample, sample_on_ray
@@ -21,11 +20,8 @@ def inputs(tmp_path_factory):
 
 
 def make_cfg(inputs, out, *overrides) -> SampleConfig:
-    base = [f"{k}={v}" for k, v in inputs.items()]
-    base += [f"output={out}", f"sample.prompts={json.dumps(DIGIT_PROMPTS[:3])}"]
-    base += ["sample.candidates=3", "sample.keep=2", "sample.steps=3", "precision=fp32",
-             "num_cpus=1", "clip.enabled=false"]  # fmt: skip
-    return load_config(SampleConfig, None, base + list(overrides))
+    """`sample_config` with 3 denoising steps and no CLIP rerank."""
+    return sample_config(inputs, out, "sample.steps=3", "clip.enabled=false", *overrides)
 
 
 def pngs(out) -> dict[str, bytes]:
@@ -51,7 +47,9 @@ def test_same_seed_gives_identical_pngs(one_thread, inputs, tmp_path):
     # the rounding of batched matmuls (a pixel level or so), not the image.
     diff = np.abs(pixels(tmp_path / "a").astype(int) - pixels(tmp_path / "b").astype(int))
     assert diff.max() <= 3, diff.max()
-    assert np.abs(pixels(tmp_path / "a").astype(int) - pixels(tmp_path / "c").astype(int)).max() > 20
+    assert (
+        np.abs(pixels(tmp_path / "a").astype(int) - pixels(tmp_path / "c").astype(int)).max() > 20
+    )
     rows = [json.loads(x) for x in (tmp_path / "a/samples.jsonl").read_text().splitlines()]
     assert {r["recipe"] for r in rows} == {"ldm"}
     assert set(rows[0]) >= {"recipe", "prompt", "path", "rank", "clip_score", "seed"}

@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from data_pipeline.config import load_config
+from trainer.config import TrainConfig, VqganTrainSection
 from trainer.models.discriminator import (
     DISC_PREFIX,
     NLayerDiscriminator,
@@ -35,12 +37,11 @@ TINY = VqganConfig(
     z_channels=32,
     n_embed=64,
     embed_dim=8,
-    disc_ndf=16,
-    disc_num_layers=2,
 )
+TINY_TRAIN = VqganTrainSection(disc_ndf=16, disc_num_layers=2)  # its discriminator's shape
 
 
-def taming_reference(cfg: VqganConfig, seed: int = 0):
+def taming_reference(cfg: VqganConfig, train: VqganTrainSection, seed: int = 0):
     """taming's own modules (pure torch) with random weights, as a `VQModel` state dict holds
     them, plus the loss module's discriminator."""
     from taming.modules.diffusionmodules.model import Decoder, Encoder
@@ -57,12 +58,12 @@ def taming_reference(cfg: VqganConfig, seed: int = 0):
     ref.post_quant_conv = torch.nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
     with torch.no_grad():  # a codebook spread like trained encoder outputs, not taming's tiny init
         ref.quantize.embedding.weight.normal_()
-    disc = TamingDisc(input_nc=3, ndf=cfg.disc_ndf, n_layers=cfg.disc_num_layers)
+    disc = TamingDisc(input_nc=3, ndf=train.disc_ndf, n_layers=train.disc_num_layers)
     return ref.eval(), disc.eval()
 
 
 def test_taming_state_dict_loads_strictly_and_matches(one_thread):
-    ref, ref_disc = taming_reference(TINY)
+    ref, ref_disc = taming_reference(TINY, TINY_TRAIN)
     tok = VqganTokenizer.from_state(TINY, ref.state_dict()).eval()
     images = torch.rand(3, 3, 16, 16)
     x = images * 2 - 1
@@ -78,14 +79,14 @@ def test_taming_state_dict_loads_strictly_and_matches(one_thread):
     assert recon.dtype == torch.float32 and recon.shape == images.shape
     torch.testing.assert_close(recon, expected, atol=1e-5, rtol=1e-4)
     # Our discriminator has taming's keys; the same weights give the same logits.
-    disc = NLayerDiscriminator(3, TINY.disc_ndf, TINY.disc_num_layers).eval()
+    disc = NLayerDiscriminator(3, TINY_TRAIN.disc_ndf, TINY_TRAIN.disc_num_layers).eval()
     disc.load_state_dict(ref_disc.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(disc(x), ref_disc(x))
 
 
 def test_loss_keys_are_ignored_and_a_wrong_layout_names_the_key(one_thread):
-    ref, disc = taming_reference(TINY)
+    ref, disc = taming_reference(TINY, TINY_TRAIN)
     sd = ref.state_dict()
     full = {**sd, **{DISC_PREFIX + k: v for k, v in disc.state_dict().items()}}
     full["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
@@ -129,8 +130,8 @@ def test_code_usage_and_adaptive_weight(one_thread):
     assert weight.item() == pytest.approx(expected.item(), rel=1e-5) and weight > 0
 
 
-def write_taming_checkpoint(tmp_path: Path, cfg: VqganConfig):
-    ref, disc = taming_reference(cfg)
+def write_taming_checkpoint(tmp_path: Path, cfg: VqganConfig, train: VqganTrainSection):
+    ref, disc = taming_reference(cfg, train)
     sd = {**ref.state_dict(), **{DISC_PREFIX + k: v for k, v in disc.state_dict().items()}}
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": sd, "global_step": 0}, ckpt)
@@ -150,8 +151,8 @@ def write_taming_checkpoint(tmp_path: Path, cfg: VqganConfig):
                         "disc_start": 250001,
                         "disc_weight": 0.8,
                         "codebook_weight": 1.0,
-                        "disc_ndf": cfg.disc_ndf,
-                        "disc_num_layers": cfg.disc_num_layers,
+                        "disc_ndf": train.disc_ndf,
+                        "disc_num_layers": train.disc_num_layers,
                     },
                 },
             },
@@ -165,27 +166,28 @@ def write_taming_checkpoint(tmp_path: Path, cfg: VqganConfig):
 def test_convert_taming_round_trip(tmp_path, one_thread):
     from safetensors.torch import load_file
 
-    ref, sd, ckpt, config = write_taming_checkpoint(tmp_path, TINY)
+    ref, sd, ckpt, config = write_taming_checkpoint(tmp_path, TINY, TINY_TRAIN)
     info = convert_taming_vqgan(str(ckpt), str(config), str(tmp_path / "out"), keep_loss=True)
     assert info["vocab_size"] == 64 and info["downsample"] == 4 and info["kept_loss_keys"] > 0
     tok = load_image_tokenizer(str(tmp_path / "out"))
     assert tok.kind == "vqgan" and tok.grid(16) == 4 and len(tok.fingerprint) == 64
     assert tok.describe()["vocab_size"] == 64
-    assert tok.cfg.disc_start == 250001  # lossconfig.params carried over
+    exported = load_config(TrainConfig, tmp_path / "out" / "config.yaml", require=False)
+    assert exported.vqgan_train.disc_start == 250001  # lossconfig.params carried over
     images = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         _, _, (_, _, idx) = ref.quantize(ref.quant_conv(ref.encoder(images * 2 - 1)))
     assert torch.equal(tok.encode(images).reshape(-1), idx.reshape(-1))
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(saved[k], v.float()) for k, v in sd.items() if "num_batches" not in k)
-    # `vqgan.init_from` starts training from it: autoencoder and discriminator.
+    # `vqgan_train.init_from` starts training from it: autoencoder and discriminator.
     from dataclasses import replace
 
-    from trainer.config import TrainConfig
     from trainer.objectives.vqgan import VqganObjective
 
-    init = replace(TINY, init_from=str(tmp_path / "out"))
-    parts = VqganObjective(TrainConfig(name="ft", objective="vqgan", vqgan=init)).build_parts()
+    init = replace(TINY_TRAIN, init_from=str(tmp_path / "out"))
+    cfg = TrainConfig(name="ft", objective="vqgan", vqgan=TINY, vqgan_train=init)
+    parts = VqganObjective(cfg).build_parts()
     assert torch.equal(parts["model"].decoder.conv_out.weight, sd["decoder.conv_out.weight"])
     assert torch.equal(parts["discriminator"].main[0].weight, sd[DISC_PREFIX + "main.0.weight"])
     # Without keep_loss the discriminator is dropped.
@@ -196,7 +198,7 @@ def test_convert_taming_round_trip(tmp_path, one_thread):
 def test_convert_refuses_wrong_layout_and_pickled_code(tmp_path, one_thread):
     import argparse
 
-    _, sd, _, config = write_taming_checkpoint(tmp_path, TINY)
+    _, sd, _, config = write_taming_checkpoint(tmp_path, TINY, TINY_TRAIN)
     sd = dict(sd)
     sd["quantize.codebook.weight"] = sd.pop("quantize.embedding.weight")
     torch.save({"state_dict": sd}, tmp_path / "bad.ckpt")
@@ -220,9 +222,6 @@ def digits(tmp_path_factory):
 
 def vqgan_train_config(storage: Path, name: str, digits: Path, *overrides: str):
     """The demo's config, shrunk: 16 px images (f=4 -> 4x4 codes of 64), small batches."""
-    from data_pipeline.config import load_config
-    from trainer.config import TrainConfig
-
     return load_config(
         TrainConfig,
         REPO / "jobs/configs/vqgan_digits.yaml",
@@ -236,7 +235,7 @@ def vqgan_train_config(storage: Path, name: str, digits: Path, *overrides: str):
             "vqgan.n_embed=64",
             "vqgan.z_channels=32",
             "vqgan.embed_dim=8",
-            "vqgan.disc_ndf=16",
+            "vqgan_train.disc_ndf=16",
             "data.batch_size=8",
             "optimizer.warmup_steps=2",
             *overrides,
@@ -260,8 +259,8 @@ def test_vqgan_trains_on_digits_with_gan_and_exports_a_tokenizer(ray_local, tmp_
         "steps=12",
         "log_every=4",
         "checkpoint.every_steps=4",
-        "vqgan.disc_start=8",
-        "vqgan.dead_code_every=4",
+        "vqgan_train.disc_start=8",
+        "vqgan_train.dead_code_every=4",
     )
     result = fit(cfg)
     assert result.error is None, result.error
@@ -317,13 +316,13 @@ def test_dead_codes_are_reseeded_from_encoder_outputs(tmp_path, one_thread):
 
     from trainer.objectives.vqgan import VqganObjective
 
-    cfg = vqgan_train_config(tmp_path, "dead", tmp_path, "vqgan.dead_code_every=2")
+    cfg = vqgan_train_config(tmp_path, "dead", tmp_path, "vqgan_train.dead_code_every=2")
     objective = VqganObjective(cfg)
     torch.manual_seed(0)
     parts = objective.build_parts()
     engines = {name: SimpleNamespace(module=m) for name, m in parts.items()}
     batch = {"image": torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)}
-    objective._usage[:10] = 5  # codes 0..9 were used, the rest never
+    objective.usage.counts[:10] = 5  # codes 0..9 were used, the rest never
     before = parts["model"].quantize.embedding.weight.detach().clone()
     objective.on_step(2)
     assert objective.maybe_restart_dead_codes(engines, batch) == cfg.vqgan.n_embed - 10
@@ -334,4 +333,4 @@ def test_dead_codes_are_reseeded_from_encoder_outputs(tmp_path, one_thread):
     z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     assert torch.isin(after[10:], z).all()  # every new row is one of the encoder outputs
     assert objective.maybe_restart_dead_codes(engines, batch) == 0  # once per step
-    assert objective._usage.sum() == 0  # counting starts again
+    assert objective.usage.counts.sum() == 0  # counting starts again

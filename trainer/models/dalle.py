@@ -34,6 +34,7 @@ from trainer.models.attention import (
     SeqLayout,
     local_window,
 )
+from trainer.models.checks import check_positive_ints
 from trainer.models.masks import ATTN_PATTERNS, attention_schedule
 
 
@@ -54,10 +55,6 @@ class DalleConfig:
     dropout: float = 0.0  # embedding, attention-probability and residual dropout
     attn_pattern: Literal["full", "dalle", "row", "col", "conv"] = "dalle"  # see attention_schedule
     conv_kernel: int = 3  # odd side of the conv-attention window (DALL-E: 11; 3-5 for small grids)
-    text_insert_p: float = 0.0  # training: chance a caption gets random tokens inserted (see below)
-    text_replace_p: float = 0.0  # training: chance each caption token is replaced by a random id
-    text_loss_weight: float = 1 / 8  # weight of the text cross-entropy (DALL-E: 1/8)
-    image_loss_weight: float = 7 / 8  # weight of the image cross-entropy (DALL-E: 7/8)
     # auto/sparse: row/col/conv layers computed blockwise (no L x L mask); full layers dense
     # (explicit matmul on CPU, SDPA elsewhere). sdpa/matmul: dense masks everywhere (reference)
     attn_impl: Literal["auto", "sparse", "sdpa", "matmul"] = "auto"
@@ -74,10 +71,7 @@ class DalleConfig:
             "head_dim",
             "mlp_ratio",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DalleConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, positive)
         if self.text_len > 256:
             raise ValueError(f"DalleConfig.text_len must be <= 256, got {self.text_len}")
         if not 0 <= self.text_pad_id < self.text_vocab:
@@ -95,12 +89,6 @@ class DalleConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DalleConfig.dropout must be in [0, 1), got {self.dropout}")
-        for name in ("text_insert_p", "text_replace_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"DalleConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("text_loss_weight", "image_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DalleConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(
                 f"DalleConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}"

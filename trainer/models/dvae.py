@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.checks import check_image_size, check_positive_ints
 from trainer.models.image_tokenizer import ImageTokenizer, load_strict
 
 LOGIT_LAPLACE_EPS = 0.1  # OpenAI's `dall_e.utils.logit_laplace_eps`
@@ -36,10 +36,9 @@ LOGIT_LAPLACE_EPS = 0.1  # OpenAI's `dall_e.utils.logit_laplace_eps`
 
 @dataclass
 class DvaeConfig:
-    """objective=dvae: shape and training schedule of the discrete VAE.
+    """objective=dvae: shape of the discrete VAE (its training: the `dvae_train:` section).
 
-    Shape defaults are OpenAI's released dVAE (256 px -> 32x32 codes of 8192); the training
-    defaults are the paper's (tau 1 -> 1/16 over 150k steps, beta 0 -> 6.6 over 5k steps).
+    Defaults are OpenAI's released dVAE (256 px -> 32x32 codes of 8192).
     """
 
     image_size: int = 32  # training resolution (square); a multiple of the downsampling factor
@@ -51,25 +50,12 @@ class DvaeConfig:
     n_init: int = 128  # decoder: width of the code embedding (its 1x1 input conv)
     vocab_size: int = 8192  # K: codes per grid cell
     channels: int = 3  # image channels (encoder input, decoder output)
-    # Reconstruction term. "mse": squared error of unmap_pixels(sigmoid(mu)) in [0, 1], i.e. it
-    # maximises PSNR directly and ignores the scale half of the decoder output; small models on
-    # small data get sharp reconstructions from it within minutes. "logit_laplace": the paper's
-    # negative log-likelihood (mu and ln b), for faithful large-scale training.
-    recon_loss: Literal["mse", "logit_laplace"] = "mse"
-    tau_start: float = 1.0  # Gumbel-softmax temperature at step 0
-    tau_end: float = 1 / 16  # ... reached at `tau_steps` (cosine), then held
-    tau_steps: int = 150_000
-    # beta in the paper's units: weight of the KL(q || uniform) summed over the grid against the
-    # reconstruction term summed over pixel values (the loss divides both by C*H*W).
-    kl_weight: float = 6.6
-    kl_warmup_steps: int = 5_000  # beta rises 0 -> kl_weight (cosine) over these steps
 
     def __post_init__(self):
-        for name in ("image_size", "group_count", "n_hid", "n_blk_per_group", "n_init"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DvaeConfig.{name} must be a positive int, got {value!r}")
-        for name in ("decoder_n_hid", "decoder_n_blk_per_group", "tau_steps", "kl_warmup_steps"):
+        check_positive_ints(
+            self, ("image_size", "group_count", "n_hid", "n_blk_per_group", "n_init")
+        )
+        for name in ("decoder_n_hid", "decoder_n_blk_per_group"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DvaeConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.vocab_size < 2 or self.channels < 1:
@@ -82,15 +68,7 @@ class DvaeConfig:
                 raise ValueError(
                     f"DvaeConfig.{name} must be a multiple of 4, got {getattr(self, name)}"
                 )
-        if self.image_size % self.downsample:
-            raise ValueError(
-                f"DvaeConfig.image_size {self.image_size} is not a multiple of the downsampling "
-                f"factor {self.downsample} (group_count={self.group_count})"
-            )
-        if not 0 < self.tau_end <= self.tau_start:
-            raise ValueError(
-                f"DvaeConfig: need 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}"
-            )
+        check_image_size(self, f"group_count={self.group_count}")
 
     @property
     def downsample(self) -> int:
@@ -151,12 +129,13 @@ def reconstruct(stats: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def compute_recon_loss(kind: str, stats: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """The reconstruction term per pixel value (see `DvaeConfig.recon_loss`)."""
+    """The reconstruction term per pixel value, `kind` "mse" or "logit_laplace" (see
+    `dvae_train.recon_loss` in `trainer.config`)."""
     if kind == "mse":
         return F.mse_loss(reconstruct(stats, images.shape[1]), images.float())
     if kind == "logit_laplace":
         return compute_logit_laplace_nll(stats, images)
-    raise ValueError(f"dvae.recon_loss must be 'mse' or 'logit_laplace', got {kind!r}")
+    raise ValueError(f"dvae_train.recon_loss must be 'mse' or 'logit_laplace', got {kind!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
+from trainer.models.checks import check_image_size, check_positive_ints
 from trainer.models.image_tokenizer import ImageTokenizer, load_strict
 
 SCALE_KEY = "scaling_factor"  # extra tensor in our model.safetensors: the latent scaling factor
@@ -39,9 +39,9 @@ PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")  # AutoencoderKL
 
 @dataclass
 class KlaeConfig:
-    """objective=klae: the autoencoder's shape (diffusers `AutoencoderKL` arguments), its loss and
-    how its latent scaling factor is measured. Shape defaults are a small f=4 model; SD's VAE is
-    block_out_channels [128, 256, 512, 512], layers_per_block 2, latent_channels 4, groups 32."""
+    """objective=klae: the autoencoder's shape (diffusers `AutoencoderKL` arguments; its loss and
+    latent-scale measurement: the `klae_train:` section). Defaults are a small f=4 model; SD's VAE
+    is block_out_channels [128, 256, 512, 512], layers_per_block 2, latent_channels 4, groups 32."""
 
     image_size: int = 32  # training resolution (square); a multiple of the downsampling factor
     # Width of each resolution level; the downsampling factor is 2 ** (levels - 1).
@@ -50,18 +50,11 @@ class KlaeConfig:
     latent_channels: int = 4  # C of the latents
     norm_num_groups: int = 16  # GroupNorm groups; must divide every block width
     mid_block_attention: bool = True  # self-attention in the middle blocks (SD: yes)
-    recon_loss: Literal["l1", "mse"] = "l1"  # pixel term, mean per pixel value in [-1, 1]
-    # In SD's units (LDM's `kl_weight`, 1e-6 for SD): weight of the KL summed over an image's
-    # latent elements against the pixel loss summed over its pixel values. The loss divides both
-    # by the number of pixel values, so the logged loss is per pixel value.
-    kl_weight: float = 1e-6
-    scale_batches: int = 8  # micro-batches per rank whose latents set the scaling factor
 
     def __post_init__(self):
-        for name in ("image_size", "layers_per_block", "latent_channels", "norm_num_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KlaeConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            self, ("image_size", "layers_per_block", "latent_channels", "norm_num_groups")
+        )
         if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
             raise ValueError(
                 f"KlaeConfig.block_out_channels must be positive widths, got "
@@ -73,20 +66,7 @@ class KlaeConfig:
                 f"KlaeConfig.norm_num_groups {self.norm_num_groups} must divide every width in "
                 f"block_out_channels {self.block_out_channels} (not {bad[0]})"
             )
-        if self.image_size % self.downsample:
-            raise ValueError(
-                f"KlaeConfig.image_size {self.image_size} is not a multiple of the downsampling "
-                f"factor {self.downsample} ({len(self.block_out_channels)} levels)"
-            )
-        if self.recon_loss not in ("l1", "mse"):
-            raise ValueError(
-                f"KlaeConfig.recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}"
-            )
-        if self.kl_weight < 0 or self.scale_batches < 1:
-            raise ValueError(
-                f"KlaeConfig: need kl_weight >= 0 and scale_batches >= 1, got "
-                f"{self.kl_weight} and {self.scale_batches}"
-            )
+        check_image_size(self, f"{len(self.block_out_channels)} levels")
 
     @property
     def downsample(self) -> int:

@@ -79,20 +79,46 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
-    """One resolution level: `block.<i>`, `attn.<i>` (+ `downsample`/`upsample` set later)."""
-    level = nn.Module()
-    level.block = nn.ModuleList(blocks)
-    level.attn = nn.ModuleList(attns)
-    return level
+class Level(nn.Module):
+    """One resolution level: `block.<i>` (in_channels -> out_channels, then out_channels wide),
+    each followed by `attn.<i>` if `attend`; the encoder / decoder sets `downsample` / `upsample`,
+    which runs last."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, blocks: int, attend: bool, dropout: float
+    ):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(), nn.ModuleList()
+        width = in_channels
+        for _ in range(blocks):  # block, attn, block, attn...: the init draws in taming's order
+            self.block.append(ResnetBlock(width, out_channels, dropout))
+            width = out_channels
+            if attend:
+                self.attn.append(AttnBlock(width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        if hasattr(self, "downsample"):
+            h = self.downsample(h)
+        if hasattr(self, "upsample"):
+            h = self.upsample(h)
+        return h
 
 
-def _middle(channels: int, dropout: float) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
-    return mid
+class Middle(nn.Module):
+    """The lowest resolution: `block_1`, `attn_1`, `block_2`, all `channels` wide."""
+
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
 
 
 class Encoder(nn.Module):
@@ -116,31 +142,21 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         width = ch
         for i, m in enumerate(mult):
-            blocks, attns = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(width, ch * m, dropout))
-                width = ch * m
-                if res in attn_resolutions:
-                    attns.append(AttnBlock(width))
-            level = _level(blocks, attns)
+            level = Level(width, ch * m, num_res_blocks, res in attn_resolutions, dropout)
+            width = ch * m
             if i != len(mult) - 1:
                 level.downsample = Downsample(width)
                 res //= 2
             self.down.append(level)
-        self.mid = _middle(width, dropout)
+        self.mid = Middle(width, dropout)
         self.norm_out = _norm(width)
         self.conv_out = nn.Conv2d(width, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+            h = level(h)
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -165,16 +181,11 @@ class Decoder(nn.Module):
         res = resolution // 2 ** (len(mult) - 1)
         width = ch * mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
-        self.mid = _middle(width, dropout)
+        self.mid = Middle(width, dropout)
         levels: list[nn.Module] = []
         for i in reversed(range(len(mult))):
-            blocks, attns = [], []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(width, ch * mult[i], dropout))
-                width = ch * mult[i]
-                if res in attn_resolutions:
-                    attns.append(AttnBlock(width))
-            level = _level(blocks, attns)
+            level = Level(width, ch * mult[i], num_res_blocks + 1, res in attn_resolutions, dropout)
+            width = ch * mult[i]
             if i != 0:
                 level.upsample = Upsample(width)
                 res *= 2
@@ -189,13 +200,7 @@ class Decoder(nn.Module):
     def features(self, z: torch.Tensor) -> torch.Tensor:
         """Everything but `conv_out`: the input of the last layer, (B, ch*ch_mult[0], H, W).
         taming's adaptive GAN weight differentiates the losses at `conv_out.weight`."""
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return F.silu(self.norm_out(h))

@@ -19,12 +19,12 @@ This file is single-device torch only (no distributed code): the objective
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.checks import check_image_size, check_positive_ints
 from trainer.models.image_tokenizer import ImageTokenizer, load_strict
 from trainer.models.taming_modules import Decoder, Encoder
 
@@ -33,7 +33,8 @@ LOSS_PREFIX = "loss."  # taming's loss module: `loss.discriminator.*`, `loss.per
 
 @dataclass
 class VqganConfig:
-    """objective=vqgan: autoencoder (taming `ddconfig`), codebook, discriminator, loss weights.
+    """objective=vqgan: autoencoder (taming `ddconfig`) and codebook shape (its training, with the
+    discriminator and loss weights: the `vqgan_train:` section).
 
     Shape defaults are a small f=4 model (32 px -> 8x8 codes of 512); taming's ImageNet f=16
     model is ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
@@ -54,34 +55,11 @@ class VqganConfig:
     # --- codebook ---
     n_embed: int = 512  # K: codebook entries (the image vocabulary)
     embed_dim: int = 32  # width of each entry
-    beta: float = 0.25  # commitment weight: beta * ||z_e - sg[e]||^2
-    dead_code_every: int = 0  # steps between dead-code restarts (0: never)
-    dead_code_min_uses: int = 1  # a code picked fewer times than this since the last restart
-    # --- loss weights (taming `VQLPIPSWithDiscriminator` params) ---
-    codebook_weight: float = 1.0
-    pixelloss_weight: float = 1.0  # L1 in [-1, 1]
-    perceptual_weight: float = 1.0  # VGG16 feature loss; only with `perceptual_weights`
-    perceptual_weights: str = ""  # local torchvision `vgg16` state dict; "": pixel loss only
-    # --- discriminator (taming NLayerDiscriminator, BatchNorm, hinge or vanilla loss) ---
-    disc_start: int = 10_000  # optimizer step at which the GAN terms switch on
-    disc_weight: float = 0.8  # multiplies the adaptive weight
-    disc_factor: float = 1.0
-    disc_num_layers: int = 3
-    disc_ndf: int = 64
-    disc_in_channels: int = 3
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    disc_lr: float = 0.0  # discriminator Adam lr; 0: optimizer.lr
-    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # taming's
-    # Start from these weights (a model.safetensors, or a directory holding one: an exported run
-    # or a `t2i convert --from taming-vqgan` output); `loss.discriminator.*` keys, when present,
-    # initialise the discriminator too. Optimizers start fresh. A resumed run ignores it.
-    init_from: str = ""
 
     def __post_init__(self):
-        for name in ("image_size", "ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"VqganConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            self, ("image_size", "ch", "num_res_blocks", "z_channels", "n_embed", "embed_dim")
+        )
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ValueError(f"VqganConfig.ch_mult must be positive ints, got {self.ch_mult}")
         if any((self.ch * m) % 32 for m in self.ch_mult):
@@ -91,15 +69,7 @@ class VqganConfig:
             )
         if self.double_z:
             raise ValueError("VqganConfig.double_z must be false for a VQGAN (taming's configs)")
-        if self.image_size % self.downsample:
-            raise ValueError(
-                f"VqganConfig.image_size {self.image_size} is not a multiple of the downsampling "
-                f"factor {self.downsample} (len(ch_mult)={len(self.ch_mult)})"
-            )
-        if self.dead_code_every < 0 or self.disc_start < 0:
-            raise ValueError("VqganConfig: dead_code_every and disc_start must be >= 0")
-        if len(self.disc_betas) != 2:
-            raise ValueError(f"VqganConfig.disc_betas must hold 2 values, got {self.disc_betas}")
+        check_image_size(self, f"len(ch_mult)={len(self.ch_mult)}")
 
     @property
     def downsample(self) -> int:

@@ -10,8 +10,8 @@ An objective provides:
 Optional hooks (the loop calls them when present):
     on_step(step)                              before each micro-batch: schedules follow the step
     log_images(engine, batch) -> {name: uint8 (H, W, 3)}   at log steps (eval mode, no grad)
-    callbacks                                  loop events (`on_engines`, `on_step_end`) with
-                                               per-rank checkpointed state, e.g. the EMA
+    callbacks                                  loop callbacks (trainer/callbacks.py), e.g. the
+                                               EMA, whose per-rank state is checkpointed
     write_export(local_dir, weights)           an ecosystem layout beside model.safetensors
 
 Several parts, an optimizer each (a GAN; see trainer/engine.py): declare `parts = ("model",

@@ -57,14 +57,14 @@ class DalleObjective:
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         text, image = batch[TEXT_TOKENS].long(), batch[IMAGE_CODES].long()
-        m = self.model_cfg
+        m, t = self.model_cfg, self.cfg.dalle_train
         if engine.module.training:
             text = corrupt_text(
                 text,
                 pad_id=m.text_pad_id,
                 vocab=m.text_vocab,
-                insert_p=m.text_insert_p,
-                replace_p=m.text_replace_p,
+                insert_p=t.text_insert_p,
+                replace_p=t.text_replace_p,
             )
         text_logits, image_logits = engine(text, image)
         return compute_dalle_loss(
@@ -72,8 +72,8 @@ class DalleObjective:
             image_logits,
             engine.module.internal_text(text),
             image,
-            text_weight=m.text_loss_weight,
-            image_weight=m.image_loss_weight,
+            text_weight=t.text_loss_weight,
+            image_weight=t.image_loss_weight,
         )
 
     def tokens_in_batch(self, batch) -> int:

@@ -2,8 +2,8 @@
 the code grid, plus beta * KL(q || uniform prior), on image-text shards (captions unused).
 
 Schedules (pure functions below, driven by the loop's `on_step(step)` hook):
-    tau(step)  : cosine from dvae.tau_start to dvae.tau_end over dvae.tau_steps, then held
-    beta(step) : cosine from 0 to dvae.kl_weight over dvae.kl_warmup_steps, then held
+    tau(step)  : cosine from dvae_train.tau_start to .tau_end over .tau_steps, then held
+    beta(step) : cosine from 0 to dvae_train.kl_weight over .kl_warmup_steps, then held
 
 Loss per micro-batch = recon + beta * KL * (h*w) / (C*H*W): both terms are per-image sums divided
 by the number of pixel values, so `kl_weight` means what beta means in the paper (6.6).
@@ -54,6 +54,7 @@ class DvaeObjective:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.model_cfg = cfg.dvae
+        self.train_cfg = cfg.dvae_train
         m = self.model_cfg
         self.cells = (m.image_size // m.downsample) ** 2  # codes per image: the "tokens"
         self.kl_scale = self.cells / (m.channels * m.image_size**2)  # paper's beta -> per value
@@ -74,12 +75,12 @@ class DvaeObjective:
         self.step = step
 
     def tau(self) -> float:
-        m = self.model_cfg
-        return compute_gumbel_tau(self.step, start=m.tau_start, end=m.tau_end, steps=m.tau_steps)
+        t = self.train_cfg
+        return compute_gumbel_tau(self.step, start=t.tau_start, end=t.tau_end, steps=t.tau_steps)
 
     def beta(self) -> float:
-        m = self.model_cfg
-        return compute_kl_weight(self.step, weight=m.kl_weight, warmup_steps=m.kl_warmup_steps)
+        t = self.train_cfg
+        return compute_kl_weight(self.step, weight=t.kl_weight, warmup_steps=t.kl_warmup_steps)
 
     def images(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 (B, S, S, C) rows -> (B, C, S, S) in [0, 1], in the model's dtype."""
@@ -91,7 +92,7 @@ class DvaeObjective:
         tau, beta = self.tau(), self.beta()
         logits, stats = engine(x, tau)  # (B, K, h, w), (B, 2C, S, S)
         target = x.float()
-        recon = compute_recon_loss(self.model_cfg.recon_loss, stats, target)
+        recon = compute_recon_loss(self.train_cfg.recon_loss, stats, target)
         kl = compute_kl_to_uniform(logits)
         loss = recon + beta * self.kl_scale * kl
         with torch.no_grad():

@@ -2,7 +2,7 @@
 trained on image-text shards with a pixel loss + kl_weight x KL to N(0, I).
 
 Latent scaling factor: at export (the final checkpoint) every rank encodes the first
-`klae.scale_batches` micro-batches it trained on in this attempt with the *final* weights, the
+`klae_train.scale_batches` micro-batches it trained on in this attempt with the *final* weights, the
 count / sum / sum of squares of the posterior means are all-reduced, and 1 / std goes into
 `model.safetensors` under `SCALE_KEY` — as SD measured 0.18215 on its trained VAE. Measuring at
 the end matters: the latents' scale drifts during training (the KL weight is tiny), so a factor
@@ -47,7 +47,7 @@ def compute_recon_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) -> 
         return F.l1_loss(recon.float(), target.float())
     if kind == "mse":
         return F.mse_loss(recon.float(), target.float())
-    raise ValueError(f"klae.recon_loss must be 'l1' or 'mse', got {kind!r}")
+    raise ValueError(f"klae_train.recon_loss must be 'l1' or 'mse', got {kind!r}")
 
 
 class KlaeObjective:
@@ -56,6 +56,7 @@ class KlaeObjective:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.k = cfg.klae
+        self.train_cfg = cfg.klae_train
         self.grid = cfg.klae.image_size // cfg.klae.downsample
         self._fwd_flops_per_image = 0.0
         self._scale_batches: list[torch.Tensor] = []  # uint8 (B, S, S, 3): first micro-batches
@@ -76,13 +77,13 @@ class KlaeObjective:
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         images = batch[IMAGE]  # uint8 (B, S, S, 3)
-        if len(self._scale_batches) < self.k.scale_batches:
+        if len(self._scale_batches) < self.train_cfg.scale_batches:
             self._scale_batches.append(images.detach().clone())
         x = pixels_to_unit(images)  # (B, 3, S, S) in [0, 1], on the batch's device
         mean, logvar, recon = engine(x)  # (B, C, h, w) x2, (B, 3, S, S) in [-1, 1]
-        rec = compute_recon_loss(self.k.recon_loss, recon, x * 2.0 - 1.0)
+        rec = compute_recon_loss(self.train_cfg.recon_loss, recon, x * 2.0 - 1.0)
         kl = compute_kl(mean, logvar).mean()  # nats per image
-        loss = rec + self.k.kl_weight * kl / x[0].numel()  # per pixel value, SD's weighting
+        loss = rec + self.train_cfg.kl_weight * kl / x[0].numel()  # per pixel value, SD's weighting
         with torch.no_grad():
             psnr = compute_psnr((recon.float().clamp(-1, 1) + 1.0) / 2.0, x)
             metrics = {

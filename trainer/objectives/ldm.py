@@ -25,7 +25,6 @@ import torch
 
 from data_pipeline import fs
 from data_pipeline import token_dataset as T
-from trainer.checkpoint import save_safetensors
 from trainer.config import TrainConfig
 from trainer.diffusion import (
     compute_caption_drop,
@@ -36,6 +35,7 @@ from trainer.diffusion import (
 from trainer.ema import ShardedEma
 from trainer.models.unet import Unet, count_forward_flops, diffusers_config
 from trainer.recon import image_grid
+from trainer.safe_files import save_safetensors
 from trainer.sampling.ldm import build_scheduler, sample_latents
 
 GRID_PROMPTS = 8  # captions of the first micro-batch sampled into the logged grid

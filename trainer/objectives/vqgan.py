@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.image_text import IMAGE
+from trainer.callbacks import Callback
 from trainer.config import OptimizerSection, TrainConfig
 from trainer.engine import MODEL, export_module_state, set_full_param
 from trainer.models.discriminator import (
@@ -51,6 +52,32 @@ DISC = "discriminator"
 LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`
 
 
+class CodeUsage(Callback):
+    """This rank's code counts since the last dead-code restart, and that restart's step: a
+    stateful loop callback, so a resumed run restarts exactly the codes an uninterrupted one
+    would. The counts move to the codes' device with the first batch (a CPU buffer would not
+    take CUDA counts, nor could NCCL reduce it)."""
+
+    name = "code_usage"
+    stateful = True
+
+    def __init__(self, n_embed: int):
+        self.counts = torch.zeros(n_embed, dtype=torch.float64)
+        self.restarted_at = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"counts": self.counts.cpu(), "restarted_at": torch.tensor(self.restarted_at)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        if state["counts"].shape != self.counts.shape:
+            raise ValueError(
+                f"{source}: code usage of {state['counts'].numel()} codes, the model has "
+                f"{self.counts.numel()}"
+            )
+        self.counts = state["counts"].to(self.counts.device, torch.float64)
+        self.restarted_at = int(state["restarted_at"])
+
+
 def _dtype(engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
@@ -62,18 +89,17 @@ class VqganObjective:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.model_cfg = m = cfg.vqgan
+        self.train_cfg = t = cfg.vqgan_train
         self.cells = (m.image_size // m.downsample) ** 2  # codes per image: the "tokens"
         self.step = 0  # optimizer step, from the loop's on_step hook
         self._flops_per_token = 0.0
         self._fake: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, sg[x_rec]) for D
-        # Code counts since the last restart; moved to the codes' device with the first batch
-        # (a CPU buffer would not take CUDA counts, nor could NCCL reduce it).
-        self._usage = torch.zeros(m.n_embed, dtype=torch.float64)
-        self._restarted_at = 0
+        self.usage = CodeUsage(m.n_embed)  # checkpointed: a resume restarts the same codes
+        self.callbacks = (self.usage,)
         self._perceptual = None  # built on first use: the driver never needs VGG
-        if m.perceptual_weight > 0 and not m.perceptual_weights:
+        if t.perceptual_weight > 0 and not t.perceptual_weights:
             print(
-                "[t2i] vqgan: no vqgan.perceptual_weights file: pixel (L1) loss only, no "
+                "[t2i] vqgan: no vqgan_train.perceptual_weights file: pixel (L1) loss only, no "
                 "perceptual term (nothing is downloaded)",
                 flush=True,
             )
@@ -81,18 +107,18 @@ class VqganObjective:
     # ---- engine protocol ------------------------------------------------------------------
 
     def build_parts(self) -> dict[str, torch.nn.Module]:
-        m = self.model_cfg
-        model = Vqgan(m)
-        disc = NLayerDiscriminator(m.disc_in_channels, m.disc_ndf, m.disc_num_layers)
-        if m.init_from:
-            state = read_init_state(m.init_from)
-            load_strict(model, autoencoder_state(state), what=m.init_from, layout="VQGAN")
+        t = self.train_cfg
+        model = Vqgan(self.model_cfg)
+        disc = NLayerDiscriminator(t.disc_in_channels, t.disc_ndf, t.disc_num_layers)
+        if t.init_from:
+            state = read_init_state(t.init_from)
+            load_strict(model, autoencoder_state(state), what=t.init_from, layout="VQGAN")
             disc_state = {
                 k[len(DISC_PREFIX) :]: v for k, v in state.items() if k.startswith(DISC_PREFIX)
             }
             if disc_state:
                 load_strict(
-                    disc, disc_state, what=f"{m.init_from} ({DISC_PREFIX}*)", layout="VQGAN"
+                    disc, disc_state, what=f"{t.init_from} ({DISC_PREFIX}*)", layout="VQGAN"
                 )
         # fwd + bwd ~ 3x the autoencoder's forward FLOPs, spread over the code cells (the
         # discriminator's share is left out: it is off for most of a run's early steps).
@@ -100,18 +126,19 @@ class VqganObjective:
         return {MODEL: model, DISC: disc}
 
     def optimizer_section(self, part: str) -> OptimizerSection:
-        """The discriminator has its own lr (`vqgan.disc_lr`, default optimizer.lr) and betas."""
-        o, m = self.cfg.optimizer, self.model_cfg
+        """The discriminator has its own lr (`vqgan_train.disc_lr`, default optimizer.lr) and
+        betas."""
+        o, t = self.cfg.optimizer, self.train_cfg
         if part == DISC:
-            return dataclasses.replace(o, lr=m.disc_lr or o.lr, betas=list(m.disc_betas))
+            return dataclasses.replace(o, lr=t.disc_lr or o.lr, betas=list(t.disc_betas))
         return o
 
     def active_parts(self, step: int) -> tuple[str, ...]:
         return self.parts if self.gan_on(step) else (MODEL,)
 
     def gan_on(self, step: int) -> bool:
-        m = self.model_cfg
-        return step >= m.disc_start and m.disc_factor > 0
+        t = self.train_cfg
+        return step >= t.disc_start and t.disc_factor > 0
 
     def on_step(self, step: int) -> None:
         """Loop hook, before each micro-batch: the discriminator start follows the step."""
@@ -136,30 +163,30 @@ class VqganObjective:
 
     def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor):
         """taming's nll: L1 [+ perceptual_weight * VGG]; returns (nll, l1, perceptual), fp32."""
-        m = self.model_cfg
+        t = self.train_cfg
         rec_loss = (x.float() - recon.float()).abs().mean()
-        nll = m.pixelloss_weight * rec_loss
+        nll = t.pixelloss_weight * rec_loss
         p_loss = torch.zeros(())
-        if m.perceptual_weight > 0 and m.perceptual_weights:
+        if t.perceptual_weight > 0 and t.perceptual_weights:
             if self._perceptual is None:
                 from trainer.models.perceptual import VggPerceptualLoss
 
-                self._perceptual = VggPerceptualLoss(m.perceptual_weights)
+                self._perceptual = VggPerceptualLoss(t.perceptual_weights)
             # A frozen feature net outside the engines: it follows the images' device.
             self._perceptual.to(x.device)
             p_loss = self._perceptual(x.float(), recon.float()).mean()
-            nll = nll + m.perceptual_weight * p_loss
+            nll = nll + t.perceptual_weight * p_loss
         return nll, rec_loss, p_loss
 
     def autoencoder_loss(self, engines: dict, batch: dict[str, torch.Tensor]):
-        m, ae = self.model_cfg, engines[MODEL]
+        m, t, ae = self.model_cfg, self.train_cfg, engines[MODEL]
         self.maybe_restart_dead_codes(engines, batch)
         x = self.images(ae, batch)  # (B, C, S, S)
         out = ae(x)
         recon, codes = out["recon"], out["codes"]
         nll, rec_loss, p_loss = self.reconstruction_loss(x, recon)
         codebook, commitment = compute_vq_losses(out["z_e"], out["z_q"])
-        loss = nll + m.codebook_weight * (codebook + m.beta * commitment)
+        loss = nll + t.codebook_weight * (codebook + t.beta * commitment)
         g_loss, d_weight = torch.zeros(()), torch.zeros(())
         if self.gan_on(self.step):
             # The discriminator's module, not its engine: this pass belongs to the autoencoder's
@@ -167,11 +194,12 @@ class VqganObjective:
             disc = engines[DISC].module
             g_loss = -disc(recon.to(_dtype(engines[DISC]))).float().mean()
             d_weight = self.adaptive_weight(engines, x, recon, out["features"])
-            loss = loss + d_weight * m.disc_factor * g_loss
+            loss = loss + d_weight * t.disc_factor * g_loss
             self._fake = (x.detach(), recon.detach())
         with torch.no_grad():
-            self._usage = self._usage.to(codes.device)  # a no-op after the first batch
-            self._usage += torch.bincount(codes.reshape(-1), minlength=m.n_embed).double()
+            u = self.usage
+            u.counts = u.counts.to(codes.device)  # a no-op after the first batch
+            u.counts += torch.bincount(codes.reshape(-1), minlength=m.n_embed).double()
             used, perplexity = compute_code_usage(codes, m.n_embed)
             psnr = compute_psnr(to_image_range(recon), to_image_range(x))
         metrics = {
@@ -196,7 +224,7 @@ class VqganObjective:
         g = -engines[DISC].module(r.to(_dtype(engines[DISC]))).float().mean()
         conv = engines[MODEL].module.decoder.conv_out
         nll_grads, g_grads = compute_conv_weight_grads([nll, g], r, features.detach(), conv)
-        return compute_adaptive_weight(nll_grads, g_grads, disc_weight=self.model_cfg.disc_weight)
+        return compute_adaptive_weight(nll_grads, g_grads, disc_weight=self.train_cfg.disc_weight)
 
     def discriminator_loss(self, engines: dict):
         if self._fake is None:
@@ -205,8 +233,8 @@ class VqganObjective:
         disc = engines[DISC]
         logits_real = disc(x.to(_dtype(disc))).float()
         logits_fake = disc(recon.to(_dtype(disc))).float()
-        m = self.model_cfg
-        d_loss = m.disc_factor * D_LOSSES[m.disc_loss](logits_real, logits_fake)
+        t = self.train_cfg
+        d_loss = t.disc_factor * D_LOSSES[t.disc_loss](logits_real, logits_fake)
         metrics = {
             "d_loss": d_loss.detach(),
             "logits_real": logits_real.detach().mean(),
@@ -221,20 +249,21 @@ class VqganObjective:
         """Every `dead_code_every` steps (once, on that step's first micro-batch), replace the
         codes used fewer than `dead_code_min_uses` times since the last restart (counts summed
         over ranks) by encoder outputs drawn from rank 0's batch. Returns how many."""
-        every = self.model_cfg.dead_code_every
-        if not every or self.step == 0 or self.step % every or self._restarted_at == self.step:
+        every = self.train_cfg.dead_code_every
+        u = self.usage
+        if not every or self.step == 0 or self.step % every or u.restarted_at == self.step:
             return 0
-        self._restarted_at = self.step
+        u.restarted_at = self.step
         ae = engines[MODEL]
         # The model's device (multi-part objectives run ZeRO <= 2: parameters are whole there):
         # every tensor of the two collectives below lives on it, as NCCL requires.
         device = next(ae.module.parameters()).device
-        usage = self._usage.to(device=device, copy=True)  # float64 (n_embed,)
-        self._usage.zero_()
+        usage = u.counts.to(device=device, copy=True)  # float64 (n_embed,)
+        u.counts.zero_()
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             dist.all_reduce(usage)  # float64 (n,) on every rank
-        dead = (usage < self.model_cfg.dead_code_min_uses).nonzero().flatten()
+        dead = (usage < self.train_cfg.dead_code_min_uses).nonzero().flatten()
         if not len(dead):
             return 0
         z = ae.module.encode_pre_quant(self.images(ae, batch).to(device))  # (B, D, h, w)

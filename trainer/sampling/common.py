@@ -50,7 +50,7 @@ def download_local(loc: fs.Location, tmp: str) -> str:
 
 def clip_spec(cfg: RerankClipSection, storage: StorageConfig, tmp: str, threads: int):
     """The `ClipSpec` of the rerank model; a run/checkpoint dir or S3 file becomes a local file."""
-    from data_pipeline.clip_score import ClipSpec, load_model_config_file
+    from data_pipeline.clip_score import ClipSpec
     from trainer.checkpoint import find_exported
     from trainer.models.image_tokenizer import CONFIG, WEIGHTS
 
@@ -64,8 +64,7 @@ def clip_spec(cfg: RerankClipSection, storage: StorageConfig, tmp: str, threads:
             loc = find_exported(loc, weights=WEIGHTS, config=CONFIG, what="CLIP model")
             loc = loc.join(WEIGHTS)
         checkpoint = download_local(loc, tmp)
-    model_config = load_model_config_file(cfg.model_config) if cfg.model_config else None
-    return ClipSpec(cfg.model, model_config, checkpoint, cfg.batch_size, threads)
+    return ClipSpec(cfg.model, cfg.load_model_config(), checkpoint, cfg.batch_size, threads)
 
 
 def load_exported(path: str, storage: StorageConfig, objective: str, what: str):
@@ -82,7 +81,8 @@ def load_exported(path: str, storage: StorageConfig, objective: str, what: str):
     loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
     src = find_exported(loc, weights=WEIGHTS, config=CONFIG, what=what)
     with tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
-        train_cfg = load_config(TrainConfig, download_local(src.join(CONFIG), tmp), require=False)
+        config = download_local(src.join(CONFIG), tmp)  # migrate: see TrainConfig.RENAMED
+        train_cfg = load_config(TrainConfig, config, require=False, migrate=True)
         if train_cfg.objective != objective:
             raise ValueError(
                 f"{src.join(CONFIG).uri}: objective is {train_cfg.objective!r}; this recipe needs "

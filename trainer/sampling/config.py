@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline import fs
+from data_pipeline.clip_score import OpenClipSection
 from data_pipeline.config import REQUIRED, RayConfig, StorageConfig
 
 
@@ -36,12 +37,13 @@ class SamplingSection:
 
 
 @dataclass
-class RerankClipSection:
-    """The CLIP model that scores candidates: an open_clip architecture + local weights."""
+class RerankClipSection(OpenClipSection):
+    """The CLIP model that scores candidates: an open_clip architecture (`model`, `model_config`:
+    see `OpenClipSection`) + local weights."""
 
+    model: str = "clip_digits_tiny"
+    model_config: str = "jobs/configs/clip_digits_tiny.json"
     enabled: bool = True  # False: keep the first `keep` candidates, clip_score is null
-    model: str = "clip_digits_tiny"  # open_clip architecture: built-in name or model_config stem
-    model_config: str = "jobs/configs/clip_digits_tiny.json"  # custom architecture JSON; "": none
     # `t2i train` CLIP run or checkpoint dir (its model.safetensors), or an open_clip checkpoint
     # file; local or s3://. "": random weights (tests and benchmarks only: scores mean nothing).
     checkpoint: str = ""
