@@ -92,7 +92,7 @@ def run_model_alone(shards, tokenizer, batch_size, threads) -> tuple[float, int]
     batch[C.REASON] = np.array([""] * len(rows))
     batch[C.DETAIL] = np.array([""] * len(rows))
     pixels = DecodeSquare(32, 10**8)(batch)[C.PIXELS]
-    stage = EncodeImages(ImageEncoderSpec(tokenizer, None, None, batch_size, threads))
+    stage = EncodeImages(ImageEncoderSpec(tokenizer, None, batch_size, threads))
     stage.encode(pixels[:batch_size])  # warm-up, as the actor's first batch is in the plan
     t0 = time.perf_counter()
     for start in range(0, len(pixels), batch_size):

@@ -189,7 +189,7 @@ def build_digits(cfg: DigitsConfig, log=print) -> dict:
         raise ValueError(f"mismatch_fraction must be in [0, 1], got {cfg.mismatch_fraction}")
     from sklearn.datasets import load_digits
 
-    out = fs.resolve(cfg.out, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    out = fs.resolve(cfg.out, storage=cfg.storage)
     fs.ensure_dir(out)
     n = len(load_digits().target)
     train_idx, val_idx = split_indices(n, cfg.val_fraction, cfg.seed)

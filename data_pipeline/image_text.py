@@ -15,15 +15,18 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import columns as C
+from data_pipeline.config import StorageConfig
 from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
 
 IMAGE = "image"  # uint8 (S, S, 3)
 CAPTION = "caption"  # str
 
 
-def _read_shard(item: dict, *, endpoint_url, region, size: int, max_pixels: int) -> list[dict]:
+def _read_shard(
+    item: dict, *, storage: StorageConfig | None, size: int, max_pixels: int
+) -> list[dict]:
     limits = ReaderLimits.of()  # the preprocess defaults: same per-sample rules
-    rows = read_shard_rows(item["uri"], limits, endpoint_url=endpoint_url, region=region)
+    rows = read_shard_rows(item["uri"], limits, storage=storage)
     out = []
     for r in rows:
         if r[C.REASON] or not r[C.IMAGE]:
@@ -52,15 +55,15 @@ def image_text_dataset(
     inputs: str | list[str],
     *,
     size: int,
-    endpoint_url: str | None = None,
-    region: str | None = None,
+    storage: StorageConfig | None = None,
     max_pixels: int = 4_000_000,
 ):
-    """A Ray Dataset of {image: (S, S, 3) uint8, caption: str} rows from the shards in `inputs`."""
+    """A Ray Dataset of {image: (S, S, 3) uint8, caption: str} rows from the shards in `inputs`;
+    `storage` (the job's config section) sets the S3 endpoint, region, retries and timeouts."""
     import ray.data
 
-    uris = list_shards(inputs, endpoint_url=endpoint_url, region=region)
+    uris = list_shards(inputs, storage=storage)
     return ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris)).flat_map(
         _read_shard,
-        fn_kwargs=dict(endpoint_url=endpoint_url, region=region, size=size, max_pixels=max_pixels),
+        fn_kwargs=dict(storage=storage, size=size, max_pixels=max_pixels),
     )

@@ -45,6 +45,7 @@ from data_pipeline.clip_score import (
     clip_image_size,
     load_model_config_file,
 )
+from data_pipeline.config import StorageConfig
 from data_pipeline.dedup import find_duplicates, lsh_hyperplanes
 from data_pipeline.filters import ApplyFilters
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest, write_manifest
@@ -104,8 +105,7 @@ def commit_part(
     *,
     parts_uri: str,
     keep_embedding: bool,
-    endpoint_url,
-    region,
+    storage: StorageConfig | None,
     fault: resumable.Fault | None = None,
 ) -> dict:
     """Write a batch of scored rows as one Parquet part, named by the rows it holds (a retried
@@ -141,9 +141,7 @@ def commit_part(
     table = table.replace_schema_metadata({PART_META_KEY: json.dumps(summary).encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    loc = fs.resolve(parts_uri, endpoint_url=endpoint_url, region=region).join(
-        f"part-{name}.parquet"
-    )
+    loc = fs.resolve(parts_uri, storage=storage).join(f"part-{name}.parquet")
     with resumable.commit_point(fault, "scored"):
         fs.write_bytes_atomic(loc, buf.getvalue())
     return {"part": [name], "rows": [n]}
@@ -166,7 +164,9 @@ class _Ctx:
 
     @property
     def storage(self) -> dict:
-        return {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+        """The `fn_kwargs` that give a Ray task the job's S3 endpoint, region, retries and
+        timeouts (a `StorageConfig` is a small picklable dataclass)."""
+        return {"storage": self.cfg.storage}
 
 
 def result_config(cfg: PreprocessConfig) -> dict:
@@ -348,14 +348,13 @@ def write_shard_task(
     out_uri,
     shards,
     limits,
-    endpoint_url,
-    region,
+    storage: StorageConfig | None,
     fault: resumable.Fault | None = None,
 ) -> dict:
     """Phase 3, one Ray task per output shard: gather its scored rows from the parts that hold
     them (the part footers say which) and its dedup verdicts, then commit the shard."""
     i = int(item[C.SHARD_IDX])
-    out = fs.resolve(out_uri, endpoint_url=endpoint_url, region=region)
+    out = fs.resolve(out_uri, storage=storage)
     tables = []
     for path in json.loads(item["parts"]):
         with out.fs.open_input_file(path) as f:
@@ -370,7 +369,7 @@ def write_shard_task(
     with resumable.commit_point(fault, "clean"):
         stats = write_clean_shard(
             scored, verdicts, out_uri=out_uri, shard_idx=i, source_uri=shards[i], limits=limits,
-            endpoint_url=endpoint_url, region=region,
+            storage=storage,
         )  # fmt: skip
     return {C.SHARD_IDX: i, "samples_out": stats["samples_out"]}
 
@@ -430,7 +429,7 @@ def _finalize(ctx: _Ctx, plan: dict) -> dict:
 
 
 def build_context(cfg: PreprocessConfig, log=print) -> _Ctx:
-    out = fs.resolve(cfg.output, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    out = fs.resolve(cfg.output, storage=cfg.storage)
     limits = ReaderLimits.of(cfg.validate)
     spec = None
     if cfg.clip.enabled:
@@ -445,16 +444,14 @@ def build_context(cfg: PreprocessConfig, log=print) -> _Ctx:
         )
         if not spec.checkpoint:
             log(f"preprocess: warning: clip.checkpoint is empty: {spec.model} has RANDOM weights")
-    shards = list_shards(
-        cfg.input, **{"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
-    )
+    shards = list_shards(cfg.input, storage=cfg.storage)
     fault = resumable.fault_from_env("preprocess", FAULT_PHASES)
     return _Ctx(cfg, out, shards, limits, spec, log, fault)
 
 
 def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     """Run (or resume) the plan; returns the output manifest. Needs Ray initialised."""
-    out = fs.resolve(cfg.output, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    out = fs.resolve(cfg.output, storage=cfg.storage)
     if fs.exists(out.join(MANIFEST_NAME)):
         log(f"preprocess: {out.uri} is complete (manifest.json present); nothing to do")
         return read_manifest(out, MANIFEST_FORMAT, (MANIFEST_VERSION,))

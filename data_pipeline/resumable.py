@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 from data_pipeline import columns as C
 from data_pipeline import fs
+from data_pipeline.config import StorageConfig
 from data_pipeline.webdataset_source import ReaderLimits, read_shard_rows
 from data_pipeline.writer import WORK_DIR
 
@@ -56,9 +57,11 @@ def record_plan(out: fs.Location, plan: dict, *, job: str, differs: str, log) ->
         log(f"{job}: resuming unfinished work in {out.uri}")
 
 
-def read_shard_task(item: dict, *, limits: ReaderLimits, endpoint_url, region) -> list[dict]:
+def read_shard_task(
+    item: dict, *, limits: ReaderLimits, storage: StorageConfig | None
+) -> list[dict]:
     """Ray task: one input shard -> its rows, minus rows an earlier run already committed."""
-    rows = read_shard_rows(item[C.SOURCE_SHARD], limits, endpoint_url=endpoint_url, region=region)
+    rows = read_shard_rows(item[C.SOURCE_SHARD], limits, storage=storage)
     skip = set(json.loads(item["skip"]))
     for r in rows:
         r[C.SHARD_IDX] = item[C.SHARD_IDX]

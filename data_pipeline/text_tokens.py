@@ -233,16 +233,12 @@ def _check_doc(doc: Any, source: str) -> None:
 def load_text_tokenizer(dataset_uri: str, storage: Any = None) -> TextTokenizer:
     """The text tokenizer a token or latent dataset was written with, found via its manifest.
 
-    `storage` is a `StorageConfig` (or anything with `endpoint_url`/`region`) for s3:// datasets.
+    `storage` is the job's `StorageConfig` (endpoint, region, retries, timeouts) for s3:// datasets.
     The file's sha256 must match the fingerprint the manifest recorded.
     """
     from data_pipeline.token_dataset import read_any_manifest
 
-    base = fs.resolve(
-        dataset_uri,
-        endpoint_url=getattr(storage, "endpoint_url", None),
-        region=getattr(storage, "region", None),
-    )
+    base = fs.resolve(dataset_uri, storage=storage)
     manifest = read_any_manifest(base)
     entry = manifest.get(MANIFEST_KEY)
     if not isinstance(entry, dict) or "file" not in entry:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import fs
+from data_pipeline.config import StorageConfig
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 
 FORMAT = "ray-t2i/tokens"
@@ -42,23 +43,24 @@ SAMPLE_ID = "id"  # synthetic rows only: the row's id (drills log which samples 
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"  # {text_embedding (L, D) f16, text_mask (L,) u8}
 
 
-def read_token_dataset(uri: str, *, endpoint_url: str | None = None, region: str | None = None):
-    """(ray.data.Dataset of text_tokens/image_codes as 2-D arrays, manifest) for a token dataset."""
+def read_token_dataset(uri: str, *, storage: StorageConfig | None = None):
+    """(ray.data.Dataset of text_tokens/image_codes as 2-D arrays, manifest) for a token dataset;
+    `storage` (the job's config section) sets the S3 endpoint, region, retries and timeouts."""
     import ray.data
 
-    base = fs.resolve(uri, endpoint_url=endpoint_url, region=region)
+    base = fs.resolve(uri, storage=storage)
     manifest = read_manifest(base, FORMAT, (VERSION,))
     paths = [base.join(s["path"]).path for s in manifest["shards"]]
     ds = ray.data.read_parquet(paths, filesystem=base.fs, columns=[TEXT_TOKENS, IMAGE_CODES])
     return ds.map_batches(_lists_to_arrays, batch_format="numpy"), manifest
 
 
-def read_latent_dataset(uri: str, *, endpoint_url: str | None = None, region: str | None = None):
+def read_latent_dataset(uri: str, *, storage: StorageConfig | None = None):
     """(ray.data.Dataset of `latent` (B, C, H, W) and `text_embedding` (B, L, D) float32 arrays
     and `text_mask` (B, L) bool, manifest) for a latent dataset (`t2i tokenize` recipe=ldm)."""
     import ray.data
 
-    base = fs.resolve(uri, endpoint_url=endpoint_url, region=region)
+    base = fs.resolve(uri, storage=storage)
     manifest = read_latent_manifest(base)
     shapes = {}
     for col, key in ((LATENT, "latent_shape"), (TEXT_EMBEDDING, "text_embedding_shape")):

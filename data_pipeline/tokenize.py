@@ -68,7 +68,9 @@ class _Ctx:
 
     @property
     def storage(self) -> dict:
-        return {"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}
+        """The `fn_kwargs` that give a Ray task the job's S3 endpoint, region, retries and
+        timeouts (a `StorageConfig` is a small picklable dataclass)."""
+        return {"storage": self.cfg.storage}
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +78,8 @@ class _Ctx:
 # --------------------------------------------------------------------------------------------
 
 
-def _captions_task(item: dict, *, limits, endpoint_url, region) -> list[dict]:
-    rows = read_shard_rows(item["uri"], limits, endpoint_url=endpoint_url, region=region)
+def _captions_task(item: dict, *, limits, storage) -> list[dict]:
+    rows = read_shard_rows(item["uri"], limits, storage=storage)
     return [{"i": item["i"], C.SEQ: r[C.SEQ], C.CAPTION: r[C.CAPTION]}
             for r in rows if not r[C.REASON]]  # fmt: skip
 
@@ -91,7 +93,7 @@ def _text_tokenizer(ctx: _Ctx) -> TextTokenizer:
     if fs.exists(loc):
         tok = TextTokenizer.load(loc)
     elif t.path:
-        tok = TextTokenizer.load(t.path)
+        tok = TextTokenizer.load(fs.resolve(t.path, storage=ctx.cfg.storage))
     elif t.kind == "open_clip":
         tok = TextTokenizer.open_clip(t.text_len)
     else:  # train a BPE on the captions of the first `train_shards` shards, in shard order
@@ -256,8 +258,7 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
     )
     ds = ds.map_batches(TokenizeText(text.to_bytes()), batch_size=cfg.decode_batch_size)
     it = cfg.image_tokenizer
-    spec = ImageEncoderSpec(it.path, cfg.storage.endpoint_url, cfg.storage.region,
-                            it.batch_size, max(1, int(it.num_cpus)))  # fmt: skip
+    spec = ImageEncoderSpec(it.path, cfg.storage, it.batch_size, max(1, int(it.num_cpus)))
     ds = ds.map_batches(
         EncodeImages,
         fn_constructor_args=(spec,),
@@ -381,13 +382,12 @@ def _finalize(ctx: _Ctx, body: dict) -> dict:
 def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
     """Run (or resume) the plan; returns the dataset manifest. Needs Ray initialised."""
     check_config(cfg)
-    out = fs.resolve(cfg.output, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    out = fs.resolve(cfg.output, storage=cfg.storage)
     if fs.exists(out.join(MANIFEST_NAME)):
         log(f"tokenize: {out.uri} is complete (manifest.json present); nothing to do")
         return T.read_any_manifest(out)
     t0 = time.perf_counter()
-    shards = list_shards(cfg.input, **{"endpoint_url": cfg.storage.endpoint_url,
-                                       "region": cfg.storage.region})  # fmt: skip
+    shards = list_shards(cfg.input, storage=cfg.storage)
     fault = resumable.fault_from_env("tokenize", FAULT_PHASES)
     ctx = _Ctx(cfg, out, shards, ReaderLimits.of(), log, fault)
     fs.ensure_dir(out)

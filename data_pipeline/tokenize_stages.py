@@ -27,6 +27,7 @@ from PIL import Image
 from data_pipeline import columns as C
 from data_pipeline import fs, resumable
 from data_pipeline import token_dataset as T
+from data_pipeline.config import StorageConfig
 from data_pipeline.validate import decode_image, resize_center_crop
 
 PART_META_KEY = b"t2i_tokenize_part"
@@ -38,8 +39,7 @@ class ImageEncoderSpec:
     """What an image-tokenizer actor needs (plain data)."""
 
     path: str  # tokenizer dir / run (local or s3://)
-    endpoint_url: str | None
-    region: str | None
+    storage: StorageConfig | None  # the job's S3 endpoint, region, retries and timeouts
     batch_size: int  # rows per forward pass (short batches are padded to it)
     threads: int  # torch threads per actor
 
@@ -127,14 +127,13 @@ class EncodeImages:
     (KL-AE, already scaled). Quarantined rows get zeros (the writer drops them)."""
 
     def __init__(self, spec: ImageEncoderSpec, tokenizer=None):
-        from data_pipeline.config import StorageConfig
         from trainer.tokenizers import load_image_tokenizer
 
         self.spec = spec
         self.device = _device(spec.threads)
         self.tok = tokenizer or load_image_tokenizer(
             spec.path,
-            storage=StorageConfig(endpoint_url=spec.endpoint_url, region=spec.region),
+            storage=spec.storage,
             device=self.device,
         )
 
@@ -258,8 +257,7 @@ def commit_part(
     batch: dict[str, np.ndarray],
     *,
     parts_uri: str,
-    endpoint_url,
-    region,
+    storage: StorageConfig | None,
     fault: resumable.Fault | None = None,
 ) -> dict:
     """Write a batch as one Parquet part named by the rows it holds (a retried task rewrites the
@@ -276,7 +274,7 @@ def commit_part(
     meta = json.dumps({"rows": rows, "shard_rows": totals}).encode()
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata({PART_META_KEY: meta}), buf)
-    loc = fs.resolve(parts_uri, endpoint_url=endpoint_url, region=region)
+    loc = fs.resolve(parts_uri, storage=storage)
     with resumable.commit_point(fault, "parts"):
         fs.write_bytes_atomic(loc.join(f"part-{name}.parquet"), buf.getvalue())
     return {"part": [loc.join(f"part-{name}.parquet").path], "meta": [meta.decode()]}

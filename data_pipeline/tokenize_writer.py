@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from data_pipeline import columns as C
 from data_pipeline import fs
 from data_pipeline import token_dataset as T
+from data_pipeline.config import StorageConfig
 from data_pipeline.writer import WORK_DIR, shard_name
 
 SHARDS_DIR = "shards"
@@ -65,14 +66,14 @@ def _shard_rows(out: fs.Location, parts: list[str], shard_idx: int) -> pa.Table:
 
 
 def write_tokenized_shard(
-    item: dict, *, out_uri: str, recipe: str, rows_per_shard: int, endpoint_url, region
+    item: dict, *, out_uri: str, recipe: str, rows_per_shard: int, storage: StorageConfig | None
 ) -> dict:
     """Commit input shard `item["shard_idx"]` from the parts holding its rows; return its marker.
 
     Exactly-once check: the rows are seq 0..rows_in-1, each once; keys are unique.
     """
     i, source = int(item[C.SHARD_IDX]), item[C.SOURCE_SHARD]
-    out = fs.resolve(out_uri, endpoint_url=endpoint_url, region=region)
+    out = fs.resolve(out_uri, storage=storage)
     parts = sorted(set(json.loads(item["parts"])))
     if not parts:  # an empty input shard: nothing to write, but it is committed all the same
         marker = {"shard_idx": i, "source_shard": source, "rows_in": 0, "rows": 0,

@@ -26,6 +26,7 @@ import numpy as np
 
 from data_pipeline import columns as C
 from data_pipeline import fs
+from data_pipeline.config import StorageConfig
 from data_pipeline.shards import split_member_name
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")  # what the shard writer accepts
@@ -37,11 +38,10 @@ _GLOB_CHARS = set("*?[")
 # --------------------------------------------------------------------------------------------
 
 
-def list_shards(
-    inputs: str | list[str], *, endpoint_url: str | None = None, region: str | None = None
-) -> list[str]:
+def list_shards(inputs: str | list[str], *, storage: StorageConfig | None = None) -> list[str]:
     """Sorted, de-duplicated shard URIs for a dir, a shard, a glob, or a list of those.
 
+    `storage` (the job's config section) sets the S3 endpoint, region, retries and timeouts.
     Raises FileNotFoundError naming the entry that matched nothing.
     """
     entries = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -49,23 +49,23 @@ def list_shards(
         raise ValueError("input: no shards given")
     found: set[str] = set()
     for entry in entries:
-        matched = _list_entry(entry, endpoint_url, region)
+        matched = _list_entry(entry, storage)
         if not matched:
             raise FileNotFoundError(f"input: {entry!r} matches no .tar shard")
         found.update(matched)
     return sorted(found)
 
 
-def _list_entry(entry: str, endpoint_url: str | None, region: str | None) -> list[str]:
+def _list_entry(entry: str, storage: StorageConfig | None) -> list[str]:
     pos = min((entry.find(c) for c in _GLOB_CHARS if c in entry), default=-1)
     if pos >= 0:
         # A glob: list recursively below its literal prefix directory, then match the full path.
         base_uri = entry[:pos].rsplit("/", 1)[0] if "/" in entry[:pos] else "."
-        base = fs.resolve(base_uri, endpoint_url=endpoint_url, region=region)
-        pattern = fs.resolve(entry, endpoint_url=endpoint_url, region=region).path
+        base = fs.resolve(base_uri, storage=storage)
+        pattern = fs.resolve(entry, storage=storage).path
         paths = [p for p in fs.list_files(base) if fnmatch.fnmatchcase(p, pattern)]
         return [_uri(base, p) for p in paths]
-    loc = fs.resolve(entry, endpoint_url=endpoint_url, region=region)
+    loc = fs.resolve(entry, storage=storage)
     info = loc.fs.get_file_info(loc.path)
     if info.type == fs.pafs.FileType.File:
         return [loc.uri]
@@ -277,14 +277,34 @@ def parse_shard(stream, limits: ReaderLimits) -> list[dict]:
 
 
 def read_shard_rows(
-    uri: str, limits: ReaderLimits, *, endpoint_url: str | None = None, region: str | None = None
+    uri: str, limits: ReaderLimits, *, storage: StorageConfig | None = None
 ) -> list[dict]:
-    """Stream one shard from local disk or S3 and parse it (`parse_shard`)."""
-    loc = fs.resolve(uri, endpoint_url=endpoint_url, region=region)
+    """Stream one shard from local disk or S3 (`storage`: the job's config section) and parse it
+    (`parse_shard`)."""
+    loc = fs.resolve(uri, storage=storage)
     try:
         stream = loc.fs.open_input_stream(loc.path)
     except OSError as e:
-        return [{C.KEY: "", C.IMAGE: b"", C.IMAGE_EXT: "", C.CAPTION: "", C.SEQ: 0,
-                 C.REASON: C.CORRUPT_TAR, C.DETAIL: f"cannot open: {e}"}]  # fmt: skip
+        raise StorageReadError(f"{uri}: cannot open the shard: {e}") from e
     with stream:
-        return parse_shard(stream, limits)
+        return parse_shard(_StorageErrors(stream, uri), limits)
+
+
+class StorageReadError(RuntimeError):
+    """Storage failed under a shard (after the S3 client's retries): the job stops naming it,
+    and a rerun resumes. Never a verdict on the data: a damaged tar is quarantined as
+    `corrupt_tar`, a storage error is not, or a transient outage would drop whole shards."""
+
+
+class _StorageErrors:
+    """A shard stream whose read errors surface as StorageReadError, which the tar reader does
+    not mistake for damage inside the tar (it quarantines on OSError)."""
+
+    def __init__(self, stream, uri: str):
+        self.stream, self.uri = stream, uri
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.stream.read(n)
+        except OSError as e:
+            raise StorageReadError(f"{self.uri}: storage error while reading: {e}") from e

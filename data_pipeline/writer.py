@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline import columns as C
 from data_pipeline import fs
+from data_pipeline.config import StorageConfig
 from data_pipeline.shards import write_shard
 from data_pipeline.webdataset_source import ReaderLimits, read_shard_rows
 
@@ -67,22 +68,21 @@ def write_clean_shard(
     shard_idx: int,
     source_uri: str,
     limits: ReaderLimits,
-    endpoint_url: str | None,
-    region: str | None,
+    storage: StorageConfig | None,
 ) -> dict:
     """Commit shard `shard_idx`: quarantine part, clean tar, then its stats (the commit marker).
 
     `scored` holds every scored row of this shard; `verdicts` the dedup drops among them
     (shard_idx, seq, reason, detail). Returns the shard's stats dict.
     """
-    out = fs.resolve(out_uri, endpoint_url=endpoint_url, region=region)
+    out = fs.resolve(out_uri, storage=storage)
     verdict: dict[int, dict] = {int(r[C.SEQ]): r for r in scored.to_pylist()}
     for r in verdicts.to_pylist():
         v = verdict[int(r[C.SEQ])]
         if not v[C.REASON]:
             v[C.REASON], v[C.DETAIL] = r[C.REASON], r[C.DETAIL]
 
-    source = read_shard_rows(source_uri, limits, endpoint_url=endpoint_url, region=region)
+    source = read_shard_rows(source_uri, limits, storage=storage)
     expected = int(next(iter(verdict.values()))[C.SHARD_ROWS]) if verdict else len(source)
     if len(source) != expected or len(verdict) != expected:
         raise RuntimeError(

@@ -91,7 +91,7 @@ def load_digit_split(
     from data_pipeline.shards import iter_tar_samples
 
     storage = storage or StorageConfig()
-    base = fs.resolve(digits, endpoint_url=storage.endpoint_url, region=storage.region)
+    base = fs.resolve(digits, storage=storage)
     shards = fs.list_files(base.join(split), ".tar")
     if not shards:
         raise FileNotFoundError(
@@ -192,7 +192,7 @@ def training_key(digits: str, cfg: ClassifierSection, storage: StorageConfig | N
     from data_pipeline.manifest import read_manifest
 
     storage = storage or StorageConfig()
-    base = fs.resolve(digits, endpoint_url=storage.endpoint_url, region=storage.region)
+    base = fs.resolve(digits, storage=storage)
     manifest = read_manifest(base, MANIFEST_FORMAT, (MANIFEST_VERSION,))
     shards = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
     settings = {k: v for k, v in asdict(cfg).items() if k != "cache"}
@@ -215,7 +215,7 @@ def load_or_train(
 
     storage = storage or StorageConfig()
     key = training_key(digits, cfg, storage)
-    loc = fs.resolve(cache, endpoint_url=storage.endpoint_url, region=storage.region)
+    loc = fs.resolve(cache, storage=storage)
     if fs.exists(loc.join(META)) and fs.exists(loc.join(WEIGHTS)):
         info = json.loads(fs.read_bytes(loc.join(META)))
         if info.get("key") == key:

@@ -112,7 +112,7 @@ def read_samples(cfg: EvalConfig) -> tuple[list[dict], np.ndarray]:
     from trainer.digits_classifier import decode_image
     from trainer.sampling.common import SAMPLES_FILE
 
-    base = fs.resolve(cfg.samples, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    base = fs.resolve(cfg.samples, storage=cfg.storage)
     loc = base.join(SAMPLES_FILE)
     if not fs.exists(loc):
         raise FileNotFoundError(f"{loc.uri}: no {SAMPLES_FILE} (is samples a `t2i sample` dir?)")
@@ -206,8 +206,7 @@ def tokenizer_report(cfg: EvalConfig, log=print) -> dict | None:
         cfg.psnr_split,
         multiple_of=tok.downsample,
         limit=cfg.psnr_images,
-        endpoint_url=cfg.storage.endpoint_url,
-        region=cfg.storage.region,
+        storage=cfg.storage,
     )
     value = reconstruction_psnr(tok, images)
     log(f"eval: {tok.kind} PSNR on {len(images)} {cfg.psnr_split} images: {value:.2f} dB")
@@ -226,9 +225,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     from PIL import Image
 
     rows, images = read_samples(cfg)
-    out = fs.resolve(
-        cfg.output_dir, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
-    )
+    out = fs.resolve(cfg.output_dir, storage=cfg.storage)
     cache = cfg.classifier.cache or out.join("classifier").uri
     judge, judge_info = load_or_train(cfg.digits, cache, cfg.classifier, cfg.storage, log)
     real, real_labels = load_digit_split(cfg.digits, "val", cfg.storage)

@@ -44,12 +44,8 @@ def build_trainer(cfg: TrainConfig):
     from ray.train.torch import TorchTrainer
 
     cfg = absolutize(cfg)
-    storage = fs.resolve(
-        cfg.checkpoint.storage_path,
-        endpoint_url=cfg.storage.endpoint_url,
-        region=cfg.storage.region,
-        storage=cfg.storage,  # retries, timeouts, part size for checkpoint I/O
-    )
+    # endpoint, region, retries, timeouts, part size for checkpoint I/O
+    storage = fs.resolve(cfg.checkpoint.storage_path, storage=cfg.storage)
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     objective = build_objective(cfg)
@@ -196,8 +192,7 @@ class TrainProgress(threading.Thread):
         try:
             if self.loc is None:
                 c = self.cfg
-                base = fs.resolve(c.checkpoint.storage_path, endpoint_url=c.storage.endpoint_url,
-                                  region=c.storage.region)  # fmt: skip
+                base = fs.resolve(c.checkpoint.storage_path, storage=c.storage)
                 self.loc = base.join(c.name, "tensorboard", "metrics.jsonl")
             return self.last_row()
         except Exception:  # noqa: BLE001 - see the docstring

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data_pipeline import fs
+from data_pipeline.config import StorageConfig
 
 PSNR_CAP_DB = 100.0  # per-image cap in `reconstruction_psnr`: 10 * log10(1 / 1e-10)
 MAX_PIXELS = 4_000_000  # a split image larger than this is refused (decompression bombs)
@@ -99,8 +100,7 @@ def load_split_images(
     *,
     multiple_of: int = 1,
     limit: int = 0,
-    endpoint_url: str | None = None,
-    region: str | None = None,
+    storage: StorageConfig | None = None,
 ) -> np.ndarray:
     """Images of one split of a `t2i data digits` directory (`<shards_uri>/<split>/*.tar`: `val`
     held-out digits, `photos` real photo crops, `train`) as uint8 (N, H, W, 3), in shard order.
@@ -108,11 +108,12 @@ def load_split_images(
     Images whose sides are not multiples of `multiple_of` (a tokenizer's downsampling factor) are
     resized (bicubic) to the nearest multiple. All images of the split must share one size.
     `limit` > 0 keeps the first `limit` images. Shards are read as tar members only: PNG/JPEG
-    bytes are decoded with a pixel limit and nothing is unpickled.
+    bytes are decoded with a pixel limit and nothing is unpickled. `storage` (the job's config
+    section) sets the S3 endpoint, region, retries and timeouts.
     """
     from data_pipeline.shards import iter_tar_samples
 
-    base = fs.resolve(shards_uri, endpoint_url=endpoint_url, region=region).join(split)
+    base = fs.resolve(shards_uri, storage=storage).join(split)
     paths = fs.list_files(base, ".tar")
     if not paths:
         raise FileNotFoundError(f"{base.uri}: no .tar shards (is {shards_uri} a digits dir?)")

@@ -90,7 +90,7 @@ def load_image_tokenizer(
     from safetensors.torch import load_file
 
     storage = storage or StorageConfig()
-    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
+    loc = fs.resolve(path, storage=storage)
     if _is_diffusers_dir(loc):
         return _load_diffusers_klae(loc, device)
     src = _tokenizer_dir(loc)
@@ -134,11 +134,12 @@ def _load_diffusers_klae(loc: fs.Location, device: str | torch.device) -> ImageT
     return tok.to(device).eval()
 
 
-def read_init_state(path: str) -> dict[str, torch.Tensor]:
-    """The weights of `vqgan_train.init_from`: a safetensors file or a directory holding one."""
+def read_init_state(path: str, storage: StorageConfig | None = None) -> dict[str, torch.Tensor]:
+    """The weights of `vqgan_train.init_from`: a safetensors file or a directory holding one
+    (`storage`: the job's S3 endpoint, region, retries and timeouts)."""
     from safetensors.torch import load
 
-    loc = fs.resolve(path)
+    loc = fs.resolve(path, storage=storage)
     if not path.endswith(".safetensors"):
         loc = loc.join(WEIGHTS)
     return load(fs.read_bytes(loc))
@@ -151,9 +152,7 @@ def read_init_state(path: str) -> dict[str, torch.Tensor]:
 
 def _read_state_dict(path: str, storage=None) -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors` or a `torch.save`d dict (weights_only: no code runs)."""
-    loc = fs.resolve(
-        path, endpoint_url=storage and storage.endpoint_url, region=storage and storage.region
-    )
+    loc = fs.resolve(path, storage=storage)
     data = fs.read_bytes(loc)
     if path.endswith(".safetensors"):
         from safetensors.torch import load
@@ -271,7 +270,7 @@ def _write_tokenizer_dir(
     from safetensors.torch import save
 
     storage = storage or StorageConfig()
-    out = fs.resolve(out_dir, endpoint_url=storage.endpoint_url, region=storage.region)
+    out = fs.resolve(out_dir, storage=storage)
     fs.write_bytes_atomic(out.join(WEIGHTS), save(state, metadata=metadata))
     fs.write_bytes_atomic(out.join(CONFIG), to_yaml(train_cfg).encode())  # config last
     return {"out": out.uri, "params": sum(v.numel() for v in state.values()), **summary}

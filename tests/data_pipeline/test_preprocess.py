@@ -17,6 +17,7 @@ from data_pipeline.preprocess_config import PreprocessConfig
 from data_pipeline.shards import iter_tar_samples
 from data_pipeline.writer import SHARD_STATS_DIR
 from tests.data_pipeline.preprocess_fixtures import build_clean, build_hostile
+from tests.s3_fault_proxy import FaultProxy
 
 QUIET = dict(log=lambda *_: None)
 
@@ -199,6 +200,89 @@ def test_s3_in_s3_out(ray_local, s3_bucket, s3_fault_proxy, tmp_path):
     assert got == tree_bytes(ref)
     body = got["shards/shard-00001.tar"]
     assert [k for k, _ in iter_tar_samples(body)] == [f"s1k{j:03d}" for j in range(1, 6)]
+
+
+def test_storage_settings_reach_the_tasks(ray_local, s3_server, s3_bucket, tmp_path):
+    """Issue #16: the plan hands its tasks the job's whole `storage` section, so their S3 clients
+    retry as configured, not with the defaults. Every request answered 503 and
+    storage.max_attempts=1: each task's client gives up after exactly one request (with the
+    default, 10, it would send each request 10 times)."""
+    import boto3
+    import ray
+
+    from data_pipeline import columns as C
+    from data_pipeline.preprocess import build_context, write_shard_task
+    from data_pipeline.resumable import read_shard_task
+
+    build_clean(tmp_path / "in", shards=1, per_shard=2)
+    boto3.client("s3").upload_file(str(tmp_path / "in/part-000.tar"), s3_bucket, "raw/a.tar")
+    fault = ["ok"]
+    with FaultProxy(s3_server, lambda n: fault[0]) as proxy:
+        cfg = config(f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/out", "clip.enabled=false",
+                     f"storage.endpoint_url={proxy.url}", "storage.max_attempts=1")  # fmt: skip
+        ctx = build_context(cfg, **QUIET)  # lists the input through the proxy, fault-free
+        fault[0] = "503"
+        # The read phase's task, run by Ray Data with the plan's own arguments.
+        item = {C.SHARD_IDX: 0, C.SOURCE_SHARD: ctx.shards[0], "skip": "[]"}
+        fn_kwargs = {"limits": ctx.limits, **ctx.storage}
+        rows = ray.data.from_items([item]).flat_map(read_shard_task, fn_kwargs=fn_kwargs)
+        # A storage error is the job's failure, naming the shard, never a `corrupt_tar` verdict
+        # (that would drop a whole shard for a transient outage).
+        with pytest.raises(Exception, match=r"a\.tar: cannot open the shard"):
+            rows.take_all()
+        assert proxy.seen["503"] == 1, dict(proxy.seen)
+        # The write phase's task: its first read (the dedup verdicts) fails on the first 503.
+        with pytest.raises(OSError):
+            write_shard_task({C.SHARD_IDX: 0, "parts": "[]"}, out_uri=ctx.out.uri,
+                             shards=ctx.shards, limits=ctx.limits, **ctx.storage)  # fmt: skip
+        assert proxy.seen["503"] == 2, dict(proxy.seen)
+
+
+def test_a_storage_error_mid_shard_stops_the_job_instead_of_quarantining(tmp_path, monkeypatch):
+    """The tar reader quarantines a damaged stream as `corrupt_tar`; a storage error under it
+    (the stream's read failing after the client's retries) must not read as damage, or a
+    transient outage would drop the rest of the shard: it is an error naming the shard."""
+    from data_pipeline import columns as C
+    from data_pipeline import fs
+    from data_pipeline.webdataset_source import ReaderLimits, StorageReadError, read_shard_rows
+
+    build_clean(tmp_path / "in", shards=1, per_shard=6)
+    shard = str(tmp_path / "in" / "part-000.tar")
+    assert all(not r[C.REASON] for r in read_shard_rows(shard, ReaderLimits.of()))
+
+    class Breaks:  # serves the first 20 KB of a shard, then the storage fails
+        def __init__(self, stream):
+            self.stream, self.left = stream, 20_000
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def read(self, n=-1):
+            if self.left <= 0:
+                raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation")
+            data = self.stream.read(min(n, self.left) if n >= 0 else self.left)
+            self.left -= len(data)
+            return data
+
+    class FlakyFs:
+        def __init__(self, real):
+            self.real = real
+
+        def open_input_stream(self, path):
+            return Breaks(self.real.open_input_stream(path))
+
+    resolve = fs.resolve
+
+    def flaky(uri, **kw):
+        loc = resolve(uri, **kw)
+        return fs.Location(FlakyFs(loc.fs), loc.path, loc.uri)
+
+    monkeypatch.setattr(fs, "resolve", flaky)
+    with pytest.raises(StorageReadError, match=r"part-000\.tar: storage error while reading"):
+        read_shard_rows(shard, ReaderLimits.of())
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from data_pipeline.token_dataset import check_compatible, read_token_dataset
 from data_pipeline.tokenize import run_tokenize
 from data_pipeline.tokenize_config import TokenizeConfig
 from data_pipeline.tokenize_writer import DONE_DIR, PARTS_DIR
+from tests.s3_fault_proxy import FaultProxy, combine, every
 from trainer.config import TrainConfig
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
 from trainer.tokenizers import load_image_tokenizer
@@ -184,6 +185,38 @@ def test_s3_in_and_out(data, reference, s3_bucket, s3_fault_proxy):
     batch = ds.take_batch(100)
     assert batch["image_codes"].shape == (23, 64) and batch["text_tokens"].shape == (23, 8)
     assert m2["rows"] == 23
+
+
+def test_storage_settings_reach_the_tasks(s3_server, s3_bucket):
+    """Issue #16: tokenize's tasks and model actors get the job's whole `storage` section. Every
+    request answered 503 and storage.max_attempts=1: each one gives up after exactly one request
+    (with the default, 10, it would send each request 10 times)."""
+    from data_pipeline import columns as C
+    from data_pipeline.tokenize import _captions_task, _Ctx
+    from data_pipeline.tokenize_stages import EncodeImages, ImageEncoderSpec
+    from data_pipeline.tokenize_writer import write_tokenized_shard
+    from data_pipeline.webdataset_source import ReaderLimits, StorageReadError
+
+    with FaultProxy(s3_server, combine(every(1, 0, "503"))) as proxy:
+        out = f"s3://{s3_bucket}/tokens"
+        overrides = [f"input=s3://{s3_bucket}/a.tar", f"output={out}",
+                     f"image_tokenizer.path=s3://{s3_bucket}/dvae",
+                     f"storage.endpoint_url={proxy.url}", "storage.max_attempts=1"]  # fmt: skip
+        cfg = load_config(TokenizeConfig, None, overrides)
+        ctx = _Ctx(cfg, fs.resolve(out, storage=cfg.storage), [], ReaderLimits.of(), print, None)
+        item = {"i": 0, "uri": f"s3://{s3_bucket}/a.tar"}
+        with pytest.raises(StorageReadError, match=r"a\.tar: cannot open the shard"):
+            _captions_task(item, limits=ctx.limits, **ctx.storage)  # an error, never no rows
+        assert proxy.seen["503"] == 1, dict(proxy.seen)
+        with pytest.raises(OSError):
+            parts = json.dumps([f"{s3_bucket}/tokens/{PARTS_DIR}/part-x.parquet"])
+            shard = {C.SHARD_IDX: 0, C.SOURCE_SHARD: item["uri"], "parts": parts}
+            write_tokenized_shard(shard, out_uri=out, recipe="dalle", rows_per_shard=5,
+                                  **ctx.storage)  # fmt: skip
+        assert proxy.seen["503"] == 2, dict(proxy.seen)
+        with pytest.raises(OSError):
+            EncodeImages(ImageEncoderSpec(cfg.image_tokenizer.path, cfg.storage, 4, 1))
+        assert proxy.seen["503"] == 3, dict(proxy.seen)
 
 
 def test_reader_refuses_unknown_version_and_mismatched_model(reference, tmp_path):

@@ -29,7 +29,6 @@ def shard_dataset(
     ds = image_text_dataset(
         d.path,
         size=size,
-        endpoint_url=cfg.storage.endpoint_url,
-        region=cfg.storage.region,
+        storage=cfg.storage,
     )
     return ds.select_columns([IMAGE]) if images_only else ds

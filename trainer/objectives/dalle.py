@@ -42,9 +42,7 @@ class DalleObjective:
             )
         if not d.path:
             raise ValueError("data.path is required when data.source=tokens")
-        ds, manifest = read_token_dataset(
-            d.path, endpoint_url=self.cfg.storage.endpoint_url, region=self.cfg.storage.region
-        )
+        ds, manifest = read_token_dataset(d.path, storage=self.cfg.storage)
         check_compatible(
             manifest,
             text_vocab=m.text_vocab,

@@ -71,8 +71,7 @@ class LdmObjective:
             d = self.cfg.data
             if not d.path:
                 raise ValueError("objective=ldm: data.path must name a latent dataset")
-            base = fs.resolve(d.path, endpoint_url=self.cfg.storage.endpoint_url,
-                              region=self.cfg.storage.region)  # fmt: skip
+            base = fs.resolve(d.path, storage=self.cfg.storage)
             manifest = T.read_latent_manifest(base)
             T.check_latent_compatible(
                 manifest,
@@ -94,9 +93,7 @@ class LdmObjective:
         if d.source != "tokens":
             raise ValueError("objective=ldm reads a latent dataset: data.source=tokens|synthetic")
         self.manifest()
-        ds, _ = T.read_latent_dataset(
-            d.path, endpoint_url=self.cfg.storage.endpoint_url, region=self.cfg.storage.region
-        )
+        ds, _ = T.read_latent_dataset(d.path, storage=self.cfg.storage)
         return ds
 
     def empty_caption(self, device) -> dict[str, torch.Tensor]:
@@ -105,8 +102,7 @@ class LdmObjective:
             if self.cfg.data.source == "synthetic":
                 arrays = self._synthetic().empty_caption()
             else:
-                base = fs.resolve(self.cfg.data.path, endpoint_url=self.cfg.storage.endpoint_url,
-                                  region=self.cfg.storage.region)  # fmt: skip
+                base = fs.resolve(self.cfg.data.path, storage=self.cfg.storage)
                 arrays = T.read_empty_caption(base, self.manifest())
             self._uncond = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
         return {k: v.to(device) for k, v in self._uncond.items()}

@@ -111,7 +111,7 @@ class VqganObjective:
         model = Vqgan(self.model_cfg)
         disc = NLayerDiscriminator(t.disc_in_channels, t.disc_ndf, t.disc_num_layers)
         if t.init_from:
-            state = read_init_state(t.init_from)
+            state = read_init_state(t.init_from, self.cfg.storage)
             load_strict(model, autoencoder_state(state), what=t.init_from, layout="VQGAN")
             disc_state = {
                 k[len(DISC_PREFIX) :]: v for k, v in state.items() if k.startswith(DISC_PREFIX)

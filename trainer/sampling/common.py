@@ -56,7 +56,7 @@ def clip_spec(cfg: RerankClipSection, storage: StorageConfig, tmp: str, threads:
 
     checkpoint = ""
     if cfg.checkpoint:
-        loc = fs.resolve(cfg.checkpoint, endpoint_url=storage.endpoint_url, region=storage.region)
+        loc = fs.resolve(cfg.checkpoint, storage=storage)
         kind = loc.fs.get_file_info(loc.path).type
         if kind == pafs.FileType.NotFound:
             raise FileNotFoundError(f"clip.checkpoint: no such file or directory {loc.uri}")
@@ -78,7 +78,7 @@ def load_exported(path: str, storage: StorageConfig, objective: str, what: str):
     from trainer.config import TrainConfig
     from trainer.models.image_tokenizer import CONFIG, WEIGHTS
 
-    loc = fs.resolve(path, endpoint_url=storage.endpoint_url, region=storage.region)
+    loc = fs.resolve(path, storage=storage)
     src = find_exported(loc, weights=WEIGHTS, config=CONFIG, what=what)
     with tempfile.TemporaryDirectory(prefix="t2i-sample-") as tmp:
         config = download_local(src.join(CONFIG), tmp)  # migrate: see TrainConfig.RENAMED
@@ -160,7 +160,7 @@ def check_same_tokenizer(cfg: SampleConfig, fingerprint: str) -> None:
     would mean something else, and decoding them gives noise without any error."""
     from data_pipeline.token_dataset import read_any_manifest
 
-    base = fs.resolve(cfg.tokens, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    base = fs.resolve(cfg.tokens, storage=cfg.storage)
     recorded = (read_any_manifest(base).get("image_tokenizer") or {}).get("fingerprint")
     if recorded and recorded != fingerprint:
         raise ValueError(
@@ -249,7 +249,7 @@ def write_outputs(
     kept: np.ndarray,
 ) -> list[dict]:
     """Write the kept PNGs, samples.jsonl, grid.png and config.yaml; return the jsonl rows."""
-    out = fs.resolve(cfg.output, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    out = fs.resolve(cfg.output, storage=cfg.storage)
     fs.ensure_dir(out)
     rows, grid_rows = [], []
     for p, prompt in enumerate(prompts):

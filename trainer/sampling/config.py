@@ -107,9 +107,7 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
     if not s.prompts_file:
         prompts = [str(p) for p in s.prompts]
     else:
-        loc = fs.resolve(
-            s.prompts_file, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
-        )
+        loc = fs.resolve(s.prompts_file, storage=cfg.storage)
         lines = fs.read_bytes(loc).decode("utf-8").splitlines()
         prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not prompts:

@@ -160,8 +160,7 @@ class LdmGenerator:
         model, train_cfg, uncond = load_ldm(cfg.model, cfg.storage, device)
         self.dtype = DTYPES[resolve_precision(cfg.precision)]
         self.model, self.train_cfg = model.to(self.dtype), train_cfg
-        base = fs.resolve(cfg.tokens, endpoint_url=cfg.storage.endpoint_url,
-                          region=cfg.storage.region)  # fmt: skip
+        base = fs.resolve(cfg.tokens, storage=cfg.storage)
         manifest = T.read_latent_manifest(base)
         T.check_latent_compatible(
             manifest,
