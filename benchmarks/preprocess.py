@@ -39,8 +39,8 @@ def build_inputs(root: Path, images: int) -> list[str]:
 
 def run_plan(shards, out, model, batch_size, threads) -> tuple[float, int]:
     from data_pipeline.config import load_config
-    from data_pipeline.preprocess import run_preprocess
-    from data_pipeline.preprocess_config import PreprocessConfig
+    from data_pipeline.preprocess.config import PreprocessConfig
+    from data_pipeline.preprocess.job import run_preprocess
 
     cfg = load_config(
         PreprocessConfig,

@@ -65,8 +65,8 @@ def build_tokenizer(root: Path, n_hid: int) -> str:
 
 def run_plan(shards, out, tokenizer, batch_size, threads) -> tuple[float, int]:
     from data_pipeline.config import load_config
-    from data_pipeline.tokenize import run_tokenize
-    from data_pipeline.tokenize_config import TokenizeConfig
+    from data_pipeline.tokenize.config import TokenizeConfig
+    from data_pipeline.tokenize.job import run_tokenize
 
     cfg = load_config(TokenizeConfig, None, [
         f"input={shards}", f"output={out}", "image_size=32", f"image_tokenizer.path={tokenizer}",
@@ -83,7 +83,7 @@ def run_model_alone(shards, tokenizer, batch_size, threads) -> tuple[float, int]
     import numpy as np
 
     from data_pipeline import columns as C
-    from data_pipeline.tokenize_stages import DecodeSquare, EncodeImages, ImageEncoderSpec
+    from data_pipeline.tokenize.stages import DecodeSquare, EncodeImages, ImageEncoderSpec
     from data_pipeline.webdataset_source import ReaderLimits, read_shard_rows
 
     limits = ReaderLimits(1 << 26, 4096, ["png", "jpg"], ["txt"], ["pkl"])

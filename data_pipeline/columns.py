@@ -1,8 +1,9 @@
-"""Column names and quarantine reasons of the preprocess plan, in one place.
+"""The one column vocabulary of every job, and the quarantine reasons of the preprocess plan.
 
-Every Ray Data stage of `t2i preprocess` reads and writes batches keyed by these names; the
-quarantine table and `stats.json` use the reason strings below verbatim (they are a contract with
-users who query the quarantine table).
+Every Ray Data stage of `t2i preprocess` and `t2i tokenize`, the token datasets they write and the
+training datasets read from shards use these names; a name means one thing everywhere (`IMAGE`
+is always encoded bytes, `PIXELS` always a decoded uint8 array). The quarantine table and
+`stats.json` use the reason strings below verbatim (a contract with users who query them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ SHARD_ROWS = "shard_rows"  # int64: rows the reader produced for this shard (res
 IMAGE = "image"  # bytes: encoded image member
 IMAGE_EXT = "image_ext"  # str: its extension (jpg, png, ...)
 CAPTION = "caption"  # str: decoded UTF-8 caption
+
+# --- token datasets (`t2i tokenize` output, on disk; read by training) ------------------------------
+TEXT_TOKENS = "text_tokens"  # int list: BPE ids of the caption, padded
+IMAGE_CODES = "image_codes"  # int list: the image tokenizer's codes, raster order
+LATENT = "latent"  # float16 list: C*H*W, shape in manifest["latent_shape"]
+TEXT_EMBEDDING = "text_embedding"  # float16 list: L*D, shape in manifest["text_embedding_shape"]
+TEXT_MASK = "text_mask"  # reader output only: (B, L) bool, True where a token is not padding
+SAMPLE_ID = "id"  # synthetic rows only: the row's id (drills log which samples were consumed)
 
 # --- verdict --------------------------------------------------------------------------------------
 REASON = "reason"  # str: "" for a sample still in, else one of the reasons below

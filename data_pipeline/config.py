@@ -1,8 +1,8 @@
 """Typed job configuration: nested dataclasses, loaded from YAML, overridden by `key.sub=value`.
 
 The machinery every `t2i` command shares; it imports nothing from the project, and each job's
-schema lives beside its job (`trainer.config.TrainConfig`, `data_pipeline.preprocess_config`,
-`data_pipeline.tokenize_config`, `data_pipeline.digits.DigitsConfig`, ...). A job's schema is a dataclass tree; `load_config` builds it
+schema lives beside its job (`trainer.config.TrainConfig`, `data_pipeline.preprocess.config`,
+`data_pipeline.tokenize.config`, `data_pipeline.digits.DigitsConfig`, ...). A job's schema is a dataclass tree; `load_config` builds it
 from a YAML file (values only, no import strings) plus command-line overrides, and every problem —
 an unknown key, a value of the wrong type, a required value left unset — raises `ConfigError`
 naming the dotted key and where the value came from (the file or the command line).

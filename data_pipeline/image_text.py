@@ -18,8 +18,7 @@ from data_pipeline import columns as C
 from data_pipeline.config import StorageConfig
 from data_pipeline.webdataset_source import ReaderLimits, list_shards, read_shard_rows
 
-IMAGE = "image"  # uint8 (S, S, 3)
-CAPTION = "caption"  # str
+# Rows: C.PIXELS uint8 (S, S, 3), C.CAPTION str (data_pipeline/columns.py, the one vocabulary)
 
 
 def _read_shard(
@@ -33,7 +32,7 @@ def _read_shard(
             continue
         img = decode_square(r[C.IMAGE], size, max_pixels)
         if img is not None:
-            out.append({IMAGE: img, CAPTION: r[C.CAPTION]})
+            out.append({C.PIXELS: img, C.CAPTION: r[C.CAPTION]})
     return out
 
 
@@ -58,7 +57,7 @@ def image_text_dataset(
     storage: StorageConfig | None = None,
     max_pixels: int = 4_000_000,
 ):
-    """A Ray Dataset of {image: (S, S, 3) uint8, caption: str} rows from the shards in `inputs`;
+    """A Ray Dataset of {pixels: (S, S, 3) uint8, caption: str} rows from the shards in `inputs`;
     `storage` (the job's config section) sets the S3 endpoint, region, retries and timeouts."""
     import ray.data
 

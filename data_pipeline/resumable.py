@@ -1,6 +1,7 @@
 """What `t2i preprocess` and `t2i tokenize` share to be resumable: the plan record that pins an
 output directory to its inputs and settings, the config values that determine the outputs,
-reading input shards as Ray tasks, and the kill point of the resume tests.
+reading input shards as Ray tasks, the one commit of a Parquet part, and the kill point of the
+resume tests.
 
 A rerun into the same output compares the recorded `_work/plan.json` with its own plan: equal,
 it resumes the committed work; different, it refuses with the path to delete.
@@ -10,11 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import signal
 import time
 from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data_pipeline import columns as C
 from data_pipeline import fs
@@ -152,3 +158,35 @@ def _wait_for_kill(fault: Fault, timeout_s: float = 300.0) -> None:
     time.sleep(timeout_s)
     raise RuntimeError(f"{fault.job}: fault injection: the driver (pid {fault.driver_pid}) was "
                        f"not ended {timeout_s:.0f}s after its kill point")  # fmt: skip
+
+
+def commit_part(
+    table: pa.Table,
+    batch: dict,
+    *,
+    parts_uri: str,
+    storage: StorageConfig | None,
+    fault: Fault | None,
+    phase: str,
+    meta_key: bytes,
+    extra: dict | None = None,
+) -> tuple[fs.Location, str, str]:
+    """Commit `table` (the rows of `batch`) as one Parquet part, named by the (shard, seq) rows it
+    holds, so a retried task rewrites the same name. Its footer (`meta_key`) counts the rows per
+    shard and each shard's total, plus the job's `extra` counts, so resume reads no data. The
+    write is a commit of `phase` for the fault hook. Returns (location, name, footer JSON)."""
+    shard_idx = batch[C.SHARD_IDX].tolist()
+    ident = sorted(zip(shard_idx, batch[C.SEQ].tolist(), strict=True))
+    name = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
+    rows: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for s, total in zip(shard_idx, batch[C.SHARD_ROWS].tolist(), strict=True):
+        rows[str(s)] = rows.get(str(s), 0) + 1
+        totals[str(s)] = total
+    meta = json.dumps({"rows": rows, "shard_rows": totals, **(extra or {})})
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({meta_key: meta.encode()}), buf)
+    loc = fs.resolve(parts_uri, storage=storage).join(f"part-{name}.parquet")
+    with commit_point(fault, phase):
+        fs.write_bytes_atomic(loc, buf.getvalue())
+    return loc, name, meta

@@ -23,6 +23,14 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import fs
+from data_pipeline.columns import (  # the on-disk columns, named in the one vocabulary
+    IMAGE_CODES,
+    LATENT,
+    SAMPLE_ID,
+    TEXT_EMBEDDING,
+    TEXT_MASK,
+    TEXT_TOKENS,
+)
 from data_pipeline.config import StorageConfig
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 
@@ -32,14 +40,6 @@ LATENT_FORMAT = "ray-t2i/latents"  # the latent-diffusion recipe's dataset
 LATENT_VERSION = 2  # 2: text mask from text_tokens + empty_caption.safetensors
 KNOWN_FORMATS = {FORMAT: (VERSION,), LATENT_FORMAT: (LATENT_VERSION,)}
 
-KEY = "key"
-CAPTION = "caption"
-TEXT_TOKENS = "text_tokens"
-IMAGE_CODES = "image_codes"
-LATENT = "latent"  # float16 list: C*H*W, shape in manifest["latent_shape"]
-TEXT_EMBEDDING = "text_embedding"  # float16 list: L*D, shape in manifest["text_embedding_shape"]
-TEXT_MASK = "text_mask"  # reader output only: (B, L) bool, True where a token is not padding
-SAMPLE_ID = "id"  # synthetic rows only: the row's id (drills log which samples were consumed)
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"  # {text_embedding (L, D) f16, text_mask (L,) u8}
 
 

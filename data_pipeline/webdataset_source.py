@@ -98,7 +98,7 @@ class ReaderLimits:
         """From a `PreprocessValidateSection` (default: its defaults, the rules every clean shard
         passed, so re-checking them downstream costs nothing)."""
         if validate is None:
-            from data_pipeline.preprocess_config import PreprocessValidateSection
+            from data_pipeline.preprocess.config import PreprocessValidateSection
 
             validate = PreprocessValidateSection()
         v = validate

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.config import load_config
     from data_pipeline.digits import MANIFEST_FORMAT, MANIFEST_VERSION, DigitsConfig, build_digits
     from data_pipeline.manifest import ManifestError, read_manifest
-    from data_pipeline.preprocess_config import PreprocessConfig
+    from data_pipeline.preprocess.config import PreprocessConfig
     from jobs.common import init_ray
 
     def manifest_of(path: Path, fmt: str, version: int):
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     clip_weights = Path(clip_ckpt.path) / "model.safetensors"
 
     # 3. Preprocess: validation + quarantine, filters, CLIP score, dedup -> clean shards.
-    from data_pipeline.preprocess import MANIFEST_FORMAT as PRE_FMT
-    from data_pipeline.preprocess import MANIFEST_VERSION as PRE_VER
+    from data_pipeline.preprocess.job import MANIFEST_FORMAT as PRE_FMT
+    from data_pipeline.preprocess.job import MANIFEST_VERSION as PRE_VER
 
     pre_dir = run_dir / "preprocessed"
     overrides = [
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         pre_cfg = load_config(PreprocessConfig, CONFIGS / "preprocess_digits.yaml", overrides)
 
     def preprocess():
-        from data_pipeline.preprocess import run_preprocess
+        from data_pipeline.preprocess.job import run_preprocess
 
         return run_preprocess(pre_cfg)
 
@@ -384,8 +384,8 @@ def tokenize_stage(
     """`t2i tokenize` (resumable; a complete output is reused); returns the dataset manifest."""
     from data_pipeline.config import load_config
     from data_pipeline.token_dataset import read_any_manifest
-    from data_pipeline.tokenize import run_tokenize
-    from data_pipeline.tokenize_config import TokenizeConfig
+    from data_pipeline.tokenize.config import TokenizeConfig
+    from data_pipeline.tokenize.job import run_tokenize
 
     cfg = load_config(TokenizeConfig, config, overrides)
     out = fs.resolve(cfg.output)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.preprocess_config import PreprocessConfig
+from data_pipeline.preprocess.config import PreprocessConfig
 from jobs.cli import add_config_arguments, load_job_config, run_module
 
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.preprocess import PreprocessError, run_preprocess
+    from data_pipeline.preprocess.job import PreprocessError, run_preprocess
     from jobs.common import init_ray, print_left_out
 
     cfg = load_job_config(PreprocessConfig, args)

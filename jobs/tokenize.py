@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.tokenize import run_tokenize
-    from data_pipeline.tokenize_config import TokenizeConfig
+    from data_pipeline.tokenize.config import TokenizeConfig
+    from data_pipeline.tokenize.job import run_tokenize
     from jobs.common import init_ray, print_left_out
 
     cfg = load_job_config(TokenizeConfig, args)

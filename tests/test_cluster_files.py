@@ -275,7 +275,7 @@ def test_kuberay_groups_resources_image_and_service_account(name):
 )
 def test_kuberay_job_entrypoint_runs_a_t2i_command_with_a_real_config(name, command, config):
     from data_pipeline.config import load_config
-    from data_pipeline.preprocess_config import PreprocessConfig
+    from data_pipeline.preprocess.config import PreprocessConfig
     from trainer.config import TrainConfig
 
     doc = manifest(name)

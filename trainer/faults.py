@@ -26,7 +26,7 @@ from collections import Counter
 import torch
 
 from data_pipeline import fs
-from data_pipeline.token_dataset import SAMPLE_ID
+from data_pipeline.columns import SAMPLE_ID
 from trainer.callbacks import Callback
 
 MODEL_STATE = "ds/state/mp_rank_00_model_states.pt"  # the file a damage drill hits

@@ -245,8 +245,8 @@ def test_preprocess_spreads_over_both_nodes_byte_identical_to_one_node(
     import json
 
     from data_pipeline.config import load_config
-    from data_pipeline.preprocess import run_preprocess
-    from data_pipeline.preprocess_config import PreprocessConfig
+    from data_pipeline.preprocess.config import PreprocessConfig
+    from data_pipeline.preprocess.job import run_preprocess
     from tests.data_pipeline.preprocess_fixtures import build_clean
     from tests.data_pipeline.test_preprocess import tree_bytes
 

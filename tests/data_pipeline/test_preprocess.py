@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import dedup
 from data_pipeline.config import load_config
-from data_pipeline.preprocess import PreprocessError, run_preprocess
-from data_pipeline.preprocess_config import PreprocessConfig
+from data_pipeline.preprocess import dedup
+from data_pipeline.preprocess.config import PreprocessConfig
+from data_pipeline.preprocess.job import PreprocessError, run_preprocess
 from data_pipeline.shards import iter_tar_samples
 from data_pipeline.writer import SHARD_STATS_DIR
 from tests.data_pipeline.preprocess_fixtures import build_clean, build_hostile
@@ -211,7 +211,7 @@ def test_storage_settings_reach_the_tasks(ray_local, s3_server, s3_bucket, tmp_p
     import ray
 
     from data_pipeline import columns as C
-    from data_pipeline.preprocess import build_context, write_shard_task
+    from data_pipeline.preprocess.job import build_context, write_shard_task
     from data_pipeline.resumable import read_shard_task
 
     build_clean(tmp_path / "in", shards=1, per_shard=2)

@@ -13,8 +13,8 @@ import pytest
 from data_pipeline.clip_score import ClipScorer, ClipSpec, register_model_config
 from data_pipeline.config import load_config
 from data_pipeline.digits import DigitsConfig, build_digits
-from data_pipeline.preprocess import run_preprocess
-from data_pipeline.preprocess_config import PreprocessConfig
+from data_pipeline.preprocess.config import PreprocessConfig
+from data_pipeline.preprocess.job import run_preprocess
 from data_pipeline.shards import iter_tar_samples
 from data_pipeline.validate import decode_image, resize_center_crop
 

@@ -16,9 +16,9 @@ from data_pipeline.config import load_config, to_yaml
 from data_pipeline.manifest import ManifestError
 from data_pipeline.shards import write_shards
 from data_pipeline.token_dataset import check_compatible, read_token_dataset
-from data_pipeline.tokenize import run_tokenize
-from data_pipeline.tokenize_config import TokenizeConfig
-from data_pipeline.tokenize_writer import DONE_DIR, PARTS_DIR
+from data_pipeline.tokenize.config import TokenizeConfig
+from data_pipeline.tokenize.job import run_tokenize
+from data_pipeline.tokenize.writer import DONE_DIR, PARTS_DIR
 from tests.s3_fault_proxy import FaultProxy, combine, every
 from trainer.config import TrainConfig
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
@@ -192,9 +192,9 @@ def test_storage_settings_reach_the_tasks(s3_server, s3_bucket):
     request answered 503 and storage.max_attempts=1: each one gives up after exactly one request
     (with the default, 10, it would send each request 10 times)."""
     from data_pipeline import columns as C
-    from data_pipeline.tokenize import _captions_task, _Ctx
-    from data_pipeline.tokenize_stages import EncodeImages, ImageEncoderSpec
-    from data_pipeline.tokenize_writer import write_tokenized_shard
+    from data_pipeline.tokenize.job import _captions_task, _Ctx
+    from data_pipeline.tokenize.stages import EncodeImages, ImageEncoderSpec
+    from data_pipeline.tokenize.writer import write_tokenized_shard
     from data_pipeline.webdataset_source import ReaderLimits, StorageReadError
 
     with FaultProxy(s3_server, combine(every(1, 0, "503"))) as proxy:
@@ -237,7 +237,7 @@ def test_ldm_text_states_pool_to_the_clip_text_embedding():
 
     from data_pipeline.clip_score import ClipSpec, build_clip, load_model_config_file
     from data_pipeline.text_tokens import TextTokenizer
-    from data_pipeline.tokenize_stages import text_token_states
+    from data_pipeline.tokenize.stages import text_token_states
 
     spec = ClipSpec("clip_digits_tiny", load_model_config_file("jobs/configs/clip_digits_tiny.json"),
                     "", 4, 1)  # fmt: skip

@@ -131,7 +131,7 @@ def make_latents(root: Path, klae: Path) -> dict:
     import hashlib
 
     from data_pipeline import token_dataset as T
-    from data_pipeline.tokenize_stages import EmbedText, TextEncoderSpec
+    from data_pipeline.tokenize.stages import EmbedText, TextEncoderSpec
 
     tok = TextTokenizer.open_clip(LDM_TEXT_LEN)
     root.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from benchmarks.gpu_smoke import tiny_overrides
 from data_pipeline import fs
+from data_pipeline.columns import PIXELS
 from data_pipeline.config import load_config
 from tests.conftest import free_port
 from trainer import checkpoint as ck
@@ -246,7 +247,7 @@ def test_vqgan_dead_code_restart_reduces_on_the_model_device(world_of_one, lazy,
     torch.manual_seed(0)
     model = objective.build_parts()["model"].to(lazy)
     monkeypatch.setattr("trainer.objectives.vqgan.set_full_param", _copy_param)
-    batch = {"image": torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, device=lazy)}
+    batch = {PIXELS: torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, device=lazy)}
     objective.usage.counts[:4] = 5  # codes 0..3 used, the rest never
     objective.on_step(1)
     with CollectiveGuard(lazy) as guard:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.columns import PIXELS
 from data_pipeline.config import to_yaml
 from trainer.config import KlaeTrainSection, TrainConfig
 from trainer.models.klae import (
@@ -172,7 +173,7 @@ def test_objective_scaling_factor_gives_unit_std_latents(tmp_path, one_thread):
         return model(x)
 
     batches = [
-        {"image": torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)} for _ in range(3)
+        {PIXELS: torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)} for _ in range(3)
     ]
     for batch in batches:
         loss, metrics = objective.loss(fake_engine, batch)
@@ -185,9 +186,9 @@ def test_objective_scaling_factor_gives_unit_std_latents(tmp_path, one_thread):
     scale = objective.measure_scaling_factor(engine)
     assert scale == pytest.approx(initial / 5.0, rel=1e-4)  # the posterior means grew 5x
     tok = load_image_tokenizer(str(export_dir(tmp_path / "tok", model, cfg.klae, scale)))
-    kept = torch.cat([b["image"] for b in batches[:2]]).permute(0, 3, 1, 2).float() / 255
+    kept = torch.cat([b[PIXELS] for b in batches[:2]]).permute(0, 3, 1, 2).float() / 255
     assert float(tok.encode(kept).std()) == pytest.approx(1.0, abs=1e-3)
-    assert float(tok.encode(batches[2]["image"].permute(0, 3, 1, 2).float() / 255).std()) != 1.0
+    assert float(tok.encode(batches[2][PIXELS].permute(0, 3, 1, 2).float() / 255).std()) != 1.0
 
 
 def test_log_images_grid(one_thread):
@@ -196,7 +197,7 @@ def test_log_images_grid(one_thread):
     model = objective.build_model()
     engine = SimpleNamespace(module=model.eval())
     images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
-    grid = objective.log_images(engine, {"image": images})["recon"]
+    grid = objective.log_images(engine, {PIXELS: images})["recon"]
     assert grid.dtype == np.uint8 and grid.shape == (32, 48, 3)
     np.testing.assert_array_equal(grid[:16, 16:32], images[1].numpy())  # top row: originals
     assert np.abs(grid[16:].astype(int) - grid[:16]).mean() > 1  # bottom: reconstructions

@@ -209,8 +209,8 @@ def digits_latents(ray_local, tmp_path_factory):
     from data_pipeline import token_dataset as T
     from data_pipeline.config import load_config
     from data_pipeline.digits import DigitsConfig, build_digits
-    from data_pipeline.tokenize import run_tokenize
-    from data_pipeline.tokenize_config import TokenizeConfig
+    from data_pipeline.tokenize.config import TokenizeConfig
+    from data_pipeline.tokenize.job import run_tokenize
     from tests.trainer.sample_fixtures import LDM_TEXT_LEN, TEXT_ENCODER, make_klae
 
     root = tmp_path_factory.mktemp("ldm-data")

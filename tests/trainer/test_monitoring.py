@@ -21,7 +21,7 @@ from PIL import Image
 
 from data_pipeline import fs
 from data_pipeline.config import load_config
-from data_pipeline.preprocess_config import PreprocessConfig
+from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.ray_metrics import PROMETHEUS_PREFIX, TRAIN
 from trainer.config import TrainConfig
 from trainer.metrics import plot_loss_curve, read_metrics_rows, upload_changed
@@ -133,7 +133,7 @@ def test_training_metrics_reach_the_dashboard_and_tensorboard_is_stored_on_s3(ra
 
 @pytest.mark.slow
 def test_preprocess_exports_rows_and_quarantine_counts(ray_local, tmp_path):
-    from data_pipeline.preprocess import run_preprocess
+    from data_pipeline.preprocess.job import run_preprocess
     from tests.data_pipeline.preprocess_fixtures import build_clean
 
     build_clean(tmp_path / "in", shards=2, per_shard=6)  # 12 rows, one exact duplicate

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from data_pipeline.columns import PIXELS
 from data_pipeline.config import load_config
 from trainer.config import TrainConfig, VqganTrainSection
 from trainer.models.discriminator import (
@@ -321,7 +322,7 @@ def test_dead_codes_are_reseeded_from_encoder_outputs(tmp_path, one_thread):
     torch.manual_seed(0)
     parts = objective.build_parts()
     engines = {name: SimpleNamespace(module=m) for name, m in parts.items()}
-    batch = {"image": torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)}
+    batch = {PIXELS: torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)}
     objective.usage.counts[:10] = 5  # codes 0..9 were used, the rest never
     before = parts["model"].quantize.embedding.weight.detach().clone()
     objective.on_step(2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.image_text import CAPTION, IMAGE
+from data_pipeline.columns import CAPTION, PIXELS
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
 from trainer.objectives.common import shard_dataset
@@ -43,7 +43,7 @@ class ClipTokenize:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = self.tokenizer([str(c) for c in batch[CAPTION]]).numpy().astype(np.int64)
-        return {IMAGE: np.stack(batch[IMAGE]), TEXT: tokens}
+        return {PIXELS: np.stack(batch[PIXELS]), TEXT: tokens}
 
 
 class ClipObjective:
@@ -97,7 +97,7 @@ class ClipObjective:
             )
             self._loss = ClipLoss(rank=rank, world_size=world)  # negatives from every rank
         dtype = next(engine.module.parameters()).dtype
-        x = batch[IMAGE].permute(0, 3, 1, 2).float().div(255.0)  # (B, 3, S, S) in [0, 1]
+        x = batch[PIXELS].permute(0, 3, 1, 2).float().div(255.0)  # (B, 3, S, S) in [0, 1]
         x = ((x - self.mean) / self.std).to(dtype)
         image_f, text_f, scale = engine(x, batch[TEXT].long())
         loss = self._loss(image_f.float(), text_f.float(), scale.float())
@@ -107,7 +107,7 @@ class ClipObjective:
         return loss, {"acc_i2t": acc, "logit_scale": scale.detach().float()}
 
     def tokens_in_batch(self, batch) -> int:
-        return int(batch[IMAGE].shape[0]) * (self.patches + self.context)
+        return int(batch[PIXELS].shape[0]) * (self.patches + self.context)
 
     def flops_per_token(self) -> float:
         return self._flops_per_token

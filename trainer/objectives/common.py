@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from data_pipeline.image_text import IMAGE, image_text_dataset
+from data_pipeline.columns import PIXELS
+from data_pipeline.image_text import image_text_dataset
 from trainer.config import TrainConfig
 
 
@@ -31,4 +32,4 @@ def shard_dataset(
         size=size,
         storage=cfg.storage,
     )
-    return ds.select_columns([IMAGE]) if images_only else ds
+    return ds.select_columns([PIXELS]) if images_only else ds

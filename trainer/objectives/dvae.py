@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from data_pipeline.image_text import IMAGE
+from data_pipeline.columns import PIXELS
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
 from trainer.models.dvae import (
@@ -85,7 +85,7 @@ class DvaeObjective:
     def images(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 (B, S, S, C) rows -> (B, C, S, S) in [0, 1], in the model's dtype."""
         dtype = next(engine.module.parameters()).dtype
-        return batch[IMAGE].permute(0, 3, 1, 2).to(dtype).div(255.0)
+        return batch[PIXELS].permute(0, 3, 1, 2).to(dtype).div(255.0)
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         x = self.images(engine, batch)  # (B, C, S, S)
@@ -120,7 +120,7 @@ class DvaeObjective:
         return {"reconstructions": image_grid([x, recon])}
 
     def tokens_in_batch(self, batch) -> int:
-        return int(batch[IMAGE].shape[0]) * self.cells
+        return int(batch[PIXELS].shape[0]) * self.cells
 
     def flops_per_token(self) -> float:
         return self._flops_per_token

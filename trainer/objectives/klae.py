@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.image_text import IMAGE
+from data_pipeline.columns import PIXELS
 from trainer.config import TrainConfig
 from trainer.engine import export_module_state
 from trainer.models.image_tokenizer import compute_psnr
@@ -76,7 +76,7 @@ class KlaeObjective:
         )
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
-        images = batch[IMAGE]  # uint8 (B, S, S, 3)
+        images = batch[PIXELS]  # uint8 (B, S, S, 3)
         if len(self._scale_batches) < self.train_cfg.scale_batches:
             self._scale_batches.append(images.detach().clone())
         x = pixels_to_unit(images)  # (B, 3, S, S) in [0, 1], on the batch's device
@@ -121,7 +121,7 @@ class KlaeObjective:
     def log_images(self, engine, batch) -> dict[str, np.ndarray]:
         """Log steps: originals (top row) over posterior-mean reconstructions (bottom row).
         The loop calls it on every rank (a ZeRO-3 forward is a collective), in eval mode."""
-        images = batch[IMAGE][:GRID_IMAGES]
+        images = batch[PIXELS][:GRID_IMAGES]
         x = pixels_to_unit(images)
         mean, _ = engine.module.moments(x)
         recon = (engine.module.decode_latents(mean).float().clamp(-1, 1) + 1.0) / 2.0
@@ -129,7 +129,7 @@ class KlaeObjective:
 
     def tokens_in_batch(self, batch) -> int:
         """Latent positions (h * w per image): the autoencoder's code budget."""
-        return int(batch[IMAGE].shape[0]) * self.grid * self.grid
+        return int(batch[PIXELS].shape[0]) * self.grid * self.grid
 
     def flops_per_token(self) -> float:
         return 3.0 * self._fwd_flops_per_image / (self.grid * self.grid)  # fwd + 2x for bwd

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.image_text import IMAGE
+from data_pipeline.columns import PIXELS
 from trainer.callbacks import Callback
 from trainer.config import OptimizerSection, TrainConfig
 from trainer.engine import MODEL, export_module_state, set_full_param
@@ -149,7 +149,7 @@ class VqganObjective:
 
     def images(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 (B, S, S, C) rows -> (B, C, S, S) in [-1, 1], in the model's dtype."""
-        x = batch[IMAGE].permute(0, 3, 1, 2).float().div(255.0)
+        x = batch[PIXELS].permute(0, 3, 1, 2).float().div(255.0)
         return to_model_range(x).to(_dtype(engine))
 
     def loss(self, engines: dict, batch: dict[str, torch.Tensor], part: str):
@@ -289,7 +289,7 @@ class VqganObjective:
         return {"reconstructions": image_grid([to_image_range(x), to_image_range(recon)])}
 
     def tokens_in_batch(self, batch) -> int:
-        return int(batch[IMAGE].shape[0]) * self.cells
+        return int(batch[PIXELS].shape[0]) * self.cells
 
     def flops_per_token(self) -> float:
         return self._flops_per_token

@@ -151,7 +151,7 @@ class LdmGenerator:
     def __init__(self, cfg: SampleConfig, prompts: list[str], device: str, log=print):
         from data_pipeline import token_dataset as T
         from data_pipeline.text_tokens import load_text_tokenizer
-        from data_pipeline.tokenize_stages import EmbedText, TextEncoderSpec
+        from data_pipeline.tokenize.stages import EmbedText, TextEncoderSpec
         from trainer.tokenizers import load_image_tokenizer
 
         self.cfg, self.device = cfg, device

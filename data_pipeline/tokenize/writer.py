@@ -33,7 +33,7 @@ ROW_GROUP_ROWS = 1024  # rows per Parquet row group: readers stream a file in th
 def output_columns(recipe: str) -> list[str]:
     """The columns of an output row, in file order."""
     payload = [T.IMAGE_CODES] if recipe == "ar" else [T.LATENT, T.TEXT_EMBEDDING]
-    return [T.KEY, T.CAPTION, T.TEXT_TOKENS, *payload]
+    return [C.KEY, C.CAPTION, T.TEXT_TOKENS, *payload]
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -100,7 +100,7 @@ def write_tokenized_shard(
         if r
     ]
     kept = table.filter(pc.equal(table[C.REASON], ""))
-    keys = kept[T.KEY].to_pylist()
+    keys = kept[C.KEY].to_pylist()
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise RuntimeError(f"{source}: key {dup!r} occurs more than once")
@@ -155,4 +155,4 @@ def check_unique_keys(out: fs.Location, markers: list[dict]) -> None:
 
 def _keys(out: fs.Location, rel: str) -> list[str]:
     with out.fs.open_input_file(out.join(rel).path) as fh:
-        return pq.read_table(fh, columns=[T.KEY])[T.KEY].to_pylist()
+        return pq.read_table(fh, columns=[C.KEY])[C.KEY].to_pylist()

@@ -33,8 +33,8 @@ from data_pipeline.manifest import MANIFEST_NAME, write_manifest
 from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.resumable import read_shard_task
 from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
-from data_pipeline.tokenize_config import TokenizeConfig, check_config
-from data_pipeline.tokenize_stages import (
+from data_pipeline.tokenize.config import TokenizeConfig, check_config
+from data_pipeline.tokenize.stages import (
     PART_META_KEY,
     DecodeSquare,
     EmbedText,
@@ -44,7 +44,7 @@ from data_pipeline.tokenize_stages import (
     TokenizeText,
     commit_part,
 )
-from data_pipeline.tokenize_writer import (
+from data_pipeline.tokenize.writer import (
     DONE_DIR,
     PARTS_DIR,
     check_unique_keys,
@@ -156,7 +156,7 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
         "columns": None,  # filled by _finalize
     }
     if want_discrete:
-        from data_pipeline.tokenize_stages import code_dtype
+        from data_pipeline.tokenize.stages import code_dtype
 
         body.update(image_vocab=tok.vocab_size, image_grid=grid,
                     image_codes_dtype=code_dtype(tok.vocab_size).name)  # fmt: skip
@@ -191,7 +191,7 @@ def _write_empty_caption(ctx: _Ctx, text: TextTokenizer) -> dict:
     branch), written once beside the dataset; returns the manifest entry (file + sha256)."""
     import hashlib
 
-    from data_pipeline.tokenize_stages import EmbedText
+    from data_pipeline.tokenize.stages import EmbedText
 
     tokens = text.encode([""])  # (1, L)
     states = EmbedText(_text_encoder_spec(ctx.cfg)).encode(tokens)  # (1, L*D) float16
@@ -355,7 +355,7 @@ def _finalize(ctx: _Ctx, body: dict) -> dict:
     rows = sum(m["rows"] for m in markers)
     if rows != rows_in - len(quarantine):  # each marker checked its shard; this is the sum
         raise RuntimeError(f"tokenize: {rows} rows written for {rows_in} in - {len(quarantine)}")
-    from data_pipeline.tokenize_writer import output_columns
+    from data_pipeline.tokenize.writer import output_columns
 
     body = {
         **body,

@@ -13,19 +13,15 @@ encodes every sample bit-identically to an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from data_pipeline import columns as C
-from data_pipeline import fs, resumable
+from data_pipeline import resumable
 from data_pipeline import token_dataset as T
 from data_pipeline.config import StorageConfig
 from data_pipeline.validate import decode_image, resize_center_crop
@@ -227,7 +223,7 @@ ID_TYPES = {
     C.SEQ: pa.int64(),
     C.SHARD_ROWS: pa.int64(),
     C.KEY: pa.string(),
-    T.CAPTION: pa.string(),
+    C.CAPTION: pa.string(),
     C.REASON: pa.string(),
     C.DETAIL: pa.string(),
 }
@@ -260,21 +256,14 @@ def commit_part(
     storage: StorageConfig | None,
     fault: resumable.Fault | None = None,
 ) -> dict:
-    """Write a batch as one Parquet part named by the rows it holds (a retried task rewrites the
-    same name); its footer counts rows per shard, so resume needs no data read."""
-    table = batch_table(batch)
-    shard_idx = batch[C.SHARD_IDX].tolist()
-    ident = sorted(zip(shard_idx, batch[C.SEQ].tolist(), strict=True))
-    name = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
-    rows: dict[str, int] = {}
-    totals: dict[str, int] = {}
-    for s, total in zip(shard_idx, batch[C.SHARD_ROWS].tolist(), strict=True):
-        rows[str(s)] = rows.get(str(s), 0) + 1
-        totals[str(s)] = total
-    meta = json.dumps({"rows": rows, "shard_rows": totals}).encode()
-    buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata({PART_META_KEY: meta}), buf)
-    loc = fs.resolve(parts_uri, storage=storage)
-    with resumable.commit_point(fault, "parts"):
-        fs.write_bytes_atomic(loc.join(f"part-{name}.parquet"), buf.getvalue())
-    return {"part": [loc.join(f"part-{name}.parquet").path], "meta": [meta.decode()]}
+    """Commit a batch as one Parquet part (`resumable.commit_part`)."""
+    loc, _, meta = resumable.commit_part(
+        batch_table(batch),
+        batch,
+        parts_uri=parts_uri,
+        storage=storage,
+        fault=fault,
+        phase="parts",
+        meta_key=PART_META_KEY,
+    )
+    return {"part": [loc.path], "meta": [meta]}

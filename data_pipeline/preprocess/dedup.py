@@ -23,9 +23,15 @@ duplicate iff an earlier row in that order that is kept is its near duplicate (g
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data_pipeline import columns as C
+from data_pipeline import fs
+from data_pipeline.writer import WORK_DIR
 
 EXACT_PREFIX = "x:"
 _ID_COLS = (C.SHARD_IDX, C.SOURCE_SHARD, C.SEQ, C.KEY)
@@ -160,3 +166,50 @@ def find_duplicates(
     counts = {r: sum(d[C.REASON] == r for d in drops) for r in C.DEDUP_REASONS}
     log(f"preprocess: dedup: {counts[C.DUPLICATE_EXACT]} exact, {counts[C.DUPLICATE_NEAR]} near")
     return drops
+
+
+def shuffle_partitions(n: int) -> int:
+    """Hash-shuffle partitions for `n` units of work (shards or parts): enough to spread the
+    reduce over a cluster, few enough that a small job does not pay for 200 empty reducers."""
+    return max(1, min(n, 128))
+
+
+def dedup_phase(d, spec, out: fs.Location, parts: list[str], log) -> pa.Table:
+    """Phase 2 of `t2i preprocess`: the duplicate verdicts over the committed scored `parts`,
+    committed as `<out>/_work/dedup.parquet` (one file, sorted by (shard_idx, seq)); read back
+    if a previous run committed it. `d` is the config's `dedup:` section, `spec` the CLIP model
+    (None: no embeddings, exact dedup only)."""
+    import ray
+    from ray.data.expressions import col
+
+    near = d.near and spec is not None
+    loc = out.join(WORK_DIR, "dedup.parquet")
+    schema = pa.schema(
+        [(C.SHARD_IDX, pa.int64()), (C.SEQ, pa.int64()), (C.REASON, pa.string()),
+         (C.DETAIL, pa.string())]
+    )  # fmt: skip
+    if fs.exists(loc):
+        log("preprocess: dedup: already done")
+        with out.fs.open_input_file(loc.path) as f:
+            return pq.read_table(f)
+    drops: list[dict] = []
+    if (d.exact or near) and parts:
+        cols = [C.SHARD_IDX, C.SOURCE_SHARD, C.SEQ, C.KEY, C.REASON, C.PIXEL_HASH]
+        cols += [C.EMBEDDING] if near else []
+        ds = ray.data.read_parquet(parts, filesystem=out.fs, columns=cols)
+        ds = ds.filter(expr=col(C.REASON) == "")
+        planes = None
+        if near:
+            from data_pipeline.clip_score import open_clip_config
+
+            dim = int(open_clip_config(spec)["embed_dim"])
+            planes = lsh_hyperplanes(dim, d.lsh_bands, d.lsh_bits, d.seed)
+        drops = find_duplicates(
+            ds, exact=d.exact, near=near, near_threshold=d.near_threshold, planes=planes,
+            partitions=shuffle_partitions(len(parts)), log=log,
+        )  # fmt: skip
+    table = pa.Table.from_pylist(drops, schema=schema)  # sorted by (shard_idx, seq)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=65536)  # per-shard reads skip other row groups
+    fs.write_bytes_atomic(loc, buf.getvalue())
+    return table

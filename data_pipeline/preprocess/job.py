@@ -25,8 +25,6 @@ Output layout under `output`:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import time
@@ -46,10 +44,10 @@ from data_pipeline.clip_score import (
     load_model_config_file,
 )
 from data_pipeline.config import StorageConfig
-from data_pipeline.dedup import find_duplicates, lsh_hyperplanes
 from data_pipeline.filters import ApplyFilters
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from data_pipeline.preprocess_config import PreprocessConfig
+from data_pipeline.preprocess.config import PreprocessConfig
+from data_pipeline.preprocess.dedup import dedup_phase
 from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.resumable import read_shard_task
 from data_pipeline.validate import DecodeImages
@@ -68,12 +66,6 @@ MANIFEST_FORMAT = "ray-t2i/webdataset"  # the same format `t2i data digits` writ
 MANIFEST_VERSION = 1
 FAULT_PHASES = ("scored", "clean")  # the kill points of `$T2I_FAULT` (resumable.Fault)
 PART_META_KEY = b"t2i_part"
-
-
-def shuffle_partitions(n: int) -> int:
-    """Hash-shuffle partitions for `n` units of work (shards or parts): enough to spread the
-    reduce over a cluster, few enough that a small job does not pay for 200 empty reducers."""
-    return max(1, min(n, 128))
 
 
 class PreprocessError(RuntimeError):
@@ -108,8 +100,9 @@ def commit_part(
     storage: StorageConfig | None,
     fault: resumable.Fault | None = None,
 ) -> dict:
-    """Write a batch of scored rows as one Parquet part, named by the rows it holds (a retried
-    task rewrites the same name). The footer summarises it for resume and the bad-row check."""
+    """Commit a batch of scored rows as one Parquet part (`resumable.commit_part`); its footer
+    also counts the quarantine reasons and, per shard, the validation failures (the bad-row
+    check)."""
     n = len(batch[C.SEQ])
     arrays = {}
     for name, typ in SCORED_COLUMNS.items():
@@ -121,29 +114,23 @@ def commit_part(
         arrays[C.EMBEDDING] = ArrowTensorArray.from_numpy(
             np.asarray(batch[C.EMBEDDING], np.float32)
         )
-    table = pa.table(arrays)
-    ident = sorted(zip(batch[C.SHARD_IDX].tolist(), batch[C.SEQ].tolist(), strict=False))
-    name = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
-    summary = {"rows": {}, "shard_rows": {}, "reasons": {}, "bad": {}}
-    for s, total, reason in zip(
-        batch[C.SHARD_IDX].tolist(),
-        batch[C.SHARD_ROWS].tolist(),
-        batch[C.REASON].tolist(),
-        strict=False,
-    ):
-        k = str(s)
-        summary["rows"][k] = summary["rows"].get(k, 0) + 1
-        summary["shard_rows"][k] = total
+    reasons: dict[str, int] = {}
+    bad: dict[str, int] = {}
+    for s, reason in zip(batch[C.SHARD_IDX].tolist(), batch[C.REASON].tolist(), strict=True):
         if reason:
-            summary["reasons"][reason] = summary["reasons"].get(reason, 0) + 1
+            reasons[reason] = reasons.get(reason, 0) + 1
             if reason in C.VALIDATION_REASONS:
-                summary["bad"][k] = summary["bad"].get(k, 0) + 1
-    table = table.replace_schema_metadata({PART_META_KEY: json.dumps(summary).encode()})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    loc = fs.resolve(parts_uri, storage=storage).join(f"part-{name}.parquet")
-    with resumable.commit_point(fault, "scored"):
-        fs.write_bytes_atomic(loc, buf.getvalue())
+                bad[str(s)] = bad.get(str(s), 0) + 1
+    _, name, _ = resumable.commit_part(
+        pa.table(arrays),
+        batch,
+        parts_uri=parts_uri,
+        storage=storage,
+        fault=fault,
+        phase="scored",
+        meta_key=PART_META_KEY,
+        extra={"reasons": reasons, "bad": bad},
+    )
     return {"part": [name], "rows": [n]}
 
 
@@ -301,45 +288,7 @@ def _check_bad_fraction(ctx: _Ctx, summaries: list[tuple[str, dict]]) -> None:
 
 
 def _phase_dedup(ctx: _Ctx, parts: list[str]) -> pa.Table:
-    import ray
-    from ray.data.expressions import col
-
-    d = ctx.cfg.dedup
-    near = d.near and ctx.spec is not None
-    loc = ctx.out.join(WORK_DIR, "dedup.parquet")
-    schema = pa.schema(
-        [(C.SHARD_IDX, pa.int64()), (C.SEQ, pa.int64()), (C.REASON, pa.string()),
-         (C.DETAIL, pa.string())]
-    )  # fmt: skip
-    if fs.exists(loc):
-        ctx.log("preprocess: dedup: already done")
-        with ctx.out.fs.open_input_file(loc.path) as f:
-            return pq.read_table(f)
-    drops: list[dict] = []
-    if (d.exact or near) and parts:
-        cols = [C.SHARD_IDX, C.SOURCE_SHARD, C.SEQ, C.KEY, C.REASON, C.PIXEL_HASH]
-        cols += [C.EMBEDDING] if near else []
-        ds = ray.data.read_parquet(parts, filesystem=ctx.out.fs, columns=cols)
-        ds = ds.filter(expr=col(C.REASON) == "")
-        planes = None
-        if near:
-            dim = _embed_dim(ctx.spec)
-            planes = lsh_hyperplanes(dim, d.lsh_bands, d.lsh_bits, d.seed)
-        drops = find_duplicates(
-            ds, exact=d.exact, near=near, near_threshold=d.near_threshold, planes=planes,
-            partitions=shuffle_partitions(len(parts)), log=ctx.log,
-        )  # fmt: skip
-    table = pa.Table.from_pylist(drops, schema=schema)  # sorted by (shard_idx, seq)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=65536)  # per-shard reads skip other row groups
-    fs.write_bytes_atomic(loc, buf.getvalue())
-    return table
-
-
-def _embed_dim(spec: ClipSpec) -> int:
-    from data_pipeline.clip_score import open_clip_config
-
-    return int(open_clip_config(spec)["embed_dim"])
+    return dedup_phase(ctx.cfg.dedup, ctx.spec, ctx.out, parts, ctx.log)
 
 
 def write_shard_task(
