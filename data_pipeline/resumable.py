@@ -115,6 +115,25 @@ def fault_from_env(job: str, phases: tuple[str, ...]) -> Fault | None:
     return Fault(job, phase, int(after), os.path.abspath(barrier), os.getpid())
 
 
+@dataclasses.dataclass
+class JobContext:
+    """What a resumable job's phases share: its config, output, sorted input shards, reader
+    limits, log, and the resume tests' kill point (None in real runs). Each job extends it."""
+
+    cfg: object
+    out: fs.Location
+    shards: list[str]
+    limits: ReaderLimits
+    log: object
+    fault: Fault | None
+
+    @property
+    def storage(self) -> dict:
+        """The `fn_kwargs` that give a Ray task the job's S3 endpoint, region, retries and
+        timeouts (a `StorageConfig` is a small picklable dataclass)."""
+        return {"storage": self.cfg.storage}
+
+
 @contextlib.contextmanager
 def commit_point(fault: Fault | None, phase: str) -> Iterator[None]:
     """Wrap one commit of `phase`, in the task that writes it; without a `fault`, it does

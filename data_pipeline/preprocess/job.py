@@ -140,20 +140,9 @@ def commit_part(
 
 
 @dataclasses.dataclass
-class _Ctx:
+class _Ctx(resumable.JobContext):
     cfg: PreprocessConfig
-    out: fs.Location
-    shards: list[str]
-    limits: ReaderLimits
-    spec: ClipSpec | None
-    log: object
-    fault: resumable.Fault | None  # the resume tests' kill point; None in real runs
-
-    @property
-    def storage(self) -> dict:
-        """The `fn_kwargs` that give a Ray task the job's S3 endpoint, region, retries and
-        timeouts (a `StorageConfig` is a small picklable dataclass)."""
-        return {"storage": self.cfg.storage}
+    spec: ClipSpec | None = None  # the CLIP model; None when clip.enabled=false
 
 
 def result_config(cfg: PreprocessConfig) -> dict:
@@ -395,7 +384,7 @@ def build_context(cfg: PreprocessConfig, log=print) -> _Ctx:
             log(f"preprocess: warning: clip.checkpoint is empty: {spec.model} has RANDOM weights")
     shards = list_shards(cfg.input, storage=cfg.storage)
     fault = resumable.fault_from_env("preprocess", FAULT_PHASES)
-    return _Ctx(cfg, out, shards, limits, spec, log, fault)
+    return _Ctx(cfg, out, shards, limits, log, fault, spec)
 
 
 def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:

@@ -58,19 +58,8 @@ FAULT_PHASES = ("parts", "shards")  # the kill points of `$T2I_FAULT` (resumable
 
 
 @dataclass
-class _Ctx:
+class _Ctx(resumable.JobContext):
     cfg: TokenizeConfig
-    out: fs.Location
-    shards: list[str]
-    limits: ReaderLimits
-    log: object
-    fault: resumable.Fault | None  # the resume tests' kill point; None in real runs
-
-    @property
-    def storage(self) -> dict:
-        """The `fn_kwargs` that give a Ray task the job's S3 endpoint, region, retries and
-        timeouts (a `StorageConfig` is a small picklable dataclass)."""
-        return {"storage": self.cfg.storage}
 
 
 # --------------------------------------------------------------------------------------------
