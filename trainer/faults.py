@@ -28,6 +28,7 @@ import torch
 from data_pipeline import fs
 from data_pipeline.columns import SAMPLE_ID
 from trainer.callbacks import Callback
+from trainer.checkpoint import step_dir_name
 
 MODEL_STATE = "ds/state/mp_rank_00_model_states.pt"  # the file a damage drill hits
 
@@ -52,19 +53,6 @@ class FaultInjector(Callback):
                 "local directory every worker can write (it records each fault, so a restarted "
                 "attempt does not repeat it)"
             )
-
-    @property
-    def active(self) -> bool:
-        f = self.f
-        return bool(
-            f.kill_at_steps
-            or f.kill_in_save_at_step
-            or f.flip_checkpoint_at_step
-            or f.delete_checkpoint_file_at_step
-            or f.pause_at_step
-            or f.nan_loss_at_steps
-            or f.consumption_log
-        )
 
     # -- events ---------------------------------------------------------------------------------
     def on_engines(self, engines: dict, rank: int, world: int) -> None:
@@ -110,8 +98,6 @@ class FaultInjector(Callback):
 
     # -- faults ---------------------------------------------------------------------------------
     def _damage(self, step: int, how: str) -> None:
-        from trainer.checkpoint import step_dir_name
-
         marker = f"{how}_checkpoint_{step}"
         if self._fired(marker):
             return
