@@ -2,7 +2,8 @@
 composer's events. The loop itself only trains; what watches or perturbs it lives here.
 
     on_engines(engines, rank, world)   engines built, before any resume
-    on_resume(state, skipped)          after resume (`skipped`: checkpoints passed over, rank 0)
+    on_resume(state, skipped)          after resume (`skipped`: "uri: why" of checkpoints passed
+                                       over, the same list on every rank)
     on_batch(batch, state)             a micro-batch was taken from the data shard
     on_loss(loss, step) -> loss        the first part's loss, before the finiteness guard
     on_step_end(engines, step)         an optimizer step was applied (before its checkpoint)

@@ -285,10 +285,11 @@ def choose_checkpoint(run: fs.Location, local: str, rank: int) -> tuple[int | No
     weights-only load refuses or cannot read) or unreadable on rank 0 -> skipped by all; a
     storage error on another rank -> ResumeError on every rank.
     """
-    steps = [(s, check_complete(loc)[1]) for s, loc in list_steps(run)] if rank == 0 else None
+    steps = [s for s, _ in list_steps(run)] if rank == 0 else None
     skipped: list[str] = []
-    for step, incomplete in tdist.broadcast_object(steps):
+    for step in tdist.broadcast_object(steps):  # newest first; stops at the first good one
         loc = run.join("checkpoints", step_dir_name(step))
+        incomplete = tdist.broadcast_object(check_complete(loc)[1] if rank == 0 else None)
         if incomplete:
             skipped.append(f"{loc.uri}: {incomplete}")
             continue

@@ -33,26 +33,32 @@ from trainer.checkpoint import step_dir_name
 MODEL_STATE = "ds/state/mp_rank_00_model_states.pt"  # the file a damage drill hits
 
 
+def check_faults(f) -> None:
+    """A kill or damage needs `marker_dir`, or it would repeat in every restarted attempt. The
+    driver runs this before any worker starts (trainer.launch), each worker again."""
+    kills = (
+        f.kill_at_steps,
+        f.kill_in_save_at_step,
+        f.flip_checkpoint_at_step,
+        f.delete_checkpoint_file_at_step,
+    )
+    if any(kills) and not f.marker_dir:
+        raise ValueError(
+            "faults: a kill or damage is set but faults.marker_dir is empty: set it to a local "
+            "directory every worker can write (it records each fault, so a restarted attempt "
+            "does not repeat it)"
+        )
+
+
 class FaultInjector(Callback):
     name = "faults"
 
     def __init__(self, cfg, run: fs.Location | None = None):
+        check_faults(cfg.faults)
         self.f = cfg.faults
         self.run = run
         self.rank, self.world = 0, 1
         self.nan_fired: Counter = Counter()
-        kills = (
-            self.f.kill_at_steps,
-            self.f.kill_in_save_at_step,
-            self.f.flip_checkpoint_at_step,
-            self.f.delete_checkpoint_file_at_step,
-        )
-        if any(kills) and not self.f.marker_dir:
-            raise ValueError(
-                "faults: a kill or damage is set but faults.marker_dir is empty: set it to a "
-                "local directory every worker can write (it records each fault, so a restarted "
-                "attempt does not repeat it)"
-            )
 
     # -- events ---------------------------------------------------------------------------------
     def on_engines(self, engines: dict, rank: int, world: int) -> None:

@@ -12,6 +12,7 @@ import time
 from data_pipeline import fs
 from trainer.config import ScalingSection, TrainConfig
 from trainer.engine import check_config
+from trainer.faults import check_faults
 from trainer.loop import train_loop_per_worker
 from trainer.objectives import build_objective
 from trainer.progress import Progress
@@ -50,6 +51,7 @@ def build_trainer(cfg: TrainConfig):
     ingest.preserve_order = True
     objective = build_objective(cfg)
     check_config(cfg, objective)  # cross-field errors here, before any worker starts
+    check_faults(cfg.faults)
     dataset = objective.dataset()
     if cfg.data.cache:
         # Same order in every run (exact resume across `t2i train` invocations): the dataset

@@ -239,3 +239,20 @@ def test_auto_precision_follows_the_cpu(monkeypatch, avx512_bf16, amx, explicit,
     ds = build_deepspeed_config(cfg, world_size=1)
     assert ds.get("bf16", {}).get("enabled", False) == (want == "bf16")
     assert "fp16" not in ds
+
+
+def test_a_fault_kill_without_a_marker_dir_is_refused():
+    """A kill that no marker records would repeat in every restarted attempt; the driver
+    checks it before any worker starts (trainer.launch) and the workers again."""
+    from trainer.config import TrainConfig
+    from trainer.faults import FaultInjector, check_faults
+
+    cfg = load_config(TrainConfig, None, ["name=x", "faults.kill_in_save_at_step=3"])
+    with pytest.raises(ValueError, match="faults.marker_dir is empty"):
+        check_faults(cfg.faults)
+    with pytest.raises(ValueError, match="faults.marker_dir is empty"):
+        FaultInjector(cfg)
+    ok = load_config(
+        TrainConfig, None, ["name=x", "faults.kill_at_steps=[3]", "faults.marker_dir=m"]
+    )
+    check_faults(ok.faults)
