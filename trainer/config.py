@@ -58,6 +58,11 @@ class EngineSection:
     zero_stage: Literal[0, 1, 2, 3] = 2
     # auto: bf16 where the hardware has it (GPU or AVX512-BF16/AMX CPU), else fp16 (GPU) / fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # bf16 only. false: DeepSpeed's bf16 mode (bf16 weights, fp32 master copies in the optimizer).
+    # true: fp32 weights (they are the master copy) and the forward + loss under torch.autocast,
+    # the mixed-precision loop a plain PyTorch user writes; fastest at ZeRO-0 on CPUs (see
+    # docs/benchmarks.md), while ZeRO-1/2/3 gather and reduce half the bytes in DeepSpeed's mode.
+    autocast: bool = False
     grad_accum_steps: int = 1
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     zero_init: bool = True  # stage 3: build the model partitioned (no rank holds it whole)

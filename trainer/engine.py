@@ -96,7 +96,7 @@ def build_deepspeed_config(
         "wall_clock_breakdown": False,
     }
     precision = resolve_precision(e.precision)
-    if precision == "bf16":
+    if precision == "bf16" and not e.autocast:  # autocast: DeepSpeed sees an fp32 model
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 100}
@@ -151,7 +151,9 @@ def build_optimizer(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # fused: one multithreaded pass over each tensor (CPU and GPU). On 2 cores, 151M fp32
+    # parameters: 0.10 s per step against 0.57 s for the default multi-tensor loop.
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 def model_init_context(cfg: TrainConfig, ds_config: dict):
@@ -205,7 +207,22 @@ def wrap(
         config=ds_config,
         dist_init_required=False,  # Ray Train has already set up the process group
     )
+    if engine.dp_world_size == 1 and not engine.zero_optimization():
+        # One rank without ZeRO has nothing to reduce, yet DeepSpeed would still copy every
+        # gradient through its all-reduce buckets after each backward (0.19 s of a 1.5 s step
+        # of the 151M DALL-E on 2 cores). ZeRO-1/2/3 need that pass: it fills their partitions.
+        engine.enable_backward_allreduce = False
     return engine
+
+
+@contextlib.contextmanager
+def autocast(cfg: TrainConfig, device: torch.device):
+    """The forward + loss context of `engine.autocast`: bf16 autocast on `device`, else none."""
+    if cfg.engine.autocast and resolve_precision(cfg.engine.precision) == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
 
 
 def objective_parts(objective) -> tuple[str, ...]:
@@ -230,6 +247,11 @@ def check_config(cfg: TrainConfig, objective) -> None:
     if e.offload_optimizer != "none" and e.zero_stage == 0:
         raise ValueError(
             f"engine.offload_optimizer={e.offload_optimizer} needs engine.zero_stage >= 1 (got 0)"
+        )
+    if e.autocast and resolve_precision(e.precision) == "fp16":
+        raise ValueError(
+            "engine.autocast=true runs bf16 only (fp16 autocast needs a loss scaler): set "
+            "engine.precision=bf16, or engine.autocast=false for DeepSpeed's fp16 mode"
         )
     parts = objective_parts(objective)
     if len(parts) > 1 and e.zero_stage == 3:
@@ -321,6 +343,39 @@ def sync_scalar_params(model: nn.Module) -> None:
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def engine_state_bytes(engine) -> int:
+    """Bytes of model state this rank's engine holds, summed over DeepSpeed's own tensors, each
+    storage once: the module's parameters (ZeRO-3: this rank's partition, `ds_tensor`) and
+    gradients, every tensor the ZeRO / mixed-precision optimizer wrapper keeps (fp32 master
+    partitions, flat gradient partitions, bucket buffers) and the inner optimizer's state (Adam
+    moments). What ZeRO partitions shrinks with the world size; what it does not (persistent
+    small parameters, fixed-size buckets) is counted too. Activations are not model state."""
+    storages: dict[tuple, int] = {}
+
+    def add(x, depth: int = 0) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.device.type != "meta" and x.numel():
+                st = x.untyped_storage()
+                storages[(str(x.device), st.data_ptr())] = st.nbytes()
+        elif depth < 2 and isinstance(x, (list, tuple)):
+            for v in x:
+                add(v, depth + 1)
+        elif depth < 2 and isinstance(x, dict):
+            for v in x.values():
+                add(v, depth + 1)
+
+    for p in engine.module.parameters():
+        add(getattr(p, "ds_tensor", p.data))
+        add(p.grad)
+    opt = engine.optimizer
+    for v in vars(opt).values():
+        add(v)
+    inner = getattr(opt, "optimizer", opt)
+    for state in inner.state.values():
+        add(state)
+    return sum(storages.values())
 
 
 def local_params_finite(engine) -> bool:

@@ -26,6 +26,7 @@ from trainer.callbacks import NonFiniteGuard
 from trainer.config import TrainConfig
 from trainer.engine import (
     DTYPES,
+    autocast,
     engine_device,
     initialize_parts,
     native_bf16,
@@ -99,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
             if on_step is not None:
                 on_step(state.step)  # schedules (Gumbel tau, KL warm-up, discriminator start)
             active = active_parts(objective, parts, state.step)
-            losses, metrics = compute_losses(objective, engines, batch, active)
+            losses, metrics = compute_losses(cfg, objective, engines, batch, active)
             for cb in callbacks:
                 losses[parts[0]] = cb.on_loss(losses[parts[0]], state.step)
             if not guard.losses_ok(losses):  # skipped on every rank together
@@ -196,8 +197,9 @@ def active_parts(objective, parts: list[str], step: int) -> list[str]:
     return active
 
 
-def compute_losses(objective, engines: dict, batch, active: list[str]):
-    """Each active part's loss, its forward run under `trains_only(part)`, and the merged metrics.
+def compute_losses(cfg: TrainConfig, objective, engines: dict, batch, active: list[str]):
+    """Each active part's loss, its forward run under `trains_only(part)` (and bf16 autocast with
+    `engine.autocast`), and the merged metrics.
     Single-part objectives: `loss(engine, batch)`; multi-part: `loss(engines, batch, part)`, and
     each extra part's loss is also reported as `loss_<part>`.
 
@@ -208,7 +210,7 @@ def compute_losses(objective, engines: dict, batch, active: list[str]):
     losses, metrics = {}, {}
     view = objective_engines(engines)
     for i, part in enumerate(active):
-        with trains_only(engines, part):
+        with trains_only(engines, part), autocast(cfg, engine_device(engines)):
             if len(engines) == 1:
                 loss, m = objective.loss(view, batch)
             else:

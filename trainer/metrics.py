@@ -29,6 +29,7 @@ from data_pipeline import fs
 from data_pipeline.ray_metrics import TRAIN, TRAIN_KEYS, TRAIN_TAGS, MetricSet
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
+from trainer.engine import engine_state_bytes
 
 MONITOR_DIRS = ("tensorboard", "images")  # what rank 0 writes under the run directory
 LOSS_CURVE = "loss_curve.png"
@@ -92,7 +93,8 @@ class MetricsLogger:
         self.checkpoint_s = float("nan")  # wall seconds of the last checkpoint
         self.writer = None
         self.rss_before_init = 0.0  # set by the loop before the engine is built
-        self.model_state_gib = float("nan")  # RSS growth from engine init through the first step
+        self.model_state_gib = float("nan")  # engine-held model state after the first step
+        self.model_state_rss_gib = float("nan")  # RSS growth from engine init to the first step
         self.run = fs.resolve(cfg.checkpoint.storage_path, storage=cfg.storage).join(cfg.name)
         self.root = run_monitor_root(self.run)  # where rank 0 writes; == the run dir if local
         self._synced: dict[str, tuple[int, int]] = {}  # relpath -> (size, mtime_ns) uploaded
@@ -129,7 +131,8 @@ class MetricsLogger:
         `engines` by part: lr and grad norm are the first part's, `lr_<part>` and
         `grad_norm_<part>` the others'."""
         if self.model_state_gib != self.model_state_gib:  # first applied step: NaN check
-            self.model_state_gib = current_rss_gib() - self.rss_before_init
+            self.model_state_gib = sum(engine_state_bytes(e) for e in engines.values()) / 2**30
+            self.model_state_rss_gib = current_rss_gib() - self.rss_before_init
         self.steps += 1
         if state.step % self.cfg.log_every and state.step < self.cfg.steps and not force:
             return None
@@ -149,6 +152,7 @@ class MetricsLogger:
             mfu=compute_mfu(tok_s, self.objective.flops_per_token(), self.peak_flops),
             skipped_steps=state.skipped_steps,
             model_state_gib=self.model_state_gib,
+            model_state_rss_gib=self.model_state_rss_gib,
             peak_rss_gib=peak_rss_gib(),
             peak_rss_gib_total=all_ranks_sum(peak_rss_gib()),
         )
