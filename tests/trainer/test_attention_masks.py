@@ -317,3 +317,31 @@ def test_attention_module_matches_reference(impl, kind):
     y = reference_attention(q, k, v, mask).transpose(1, 2).reshape(2, -1, 16)
     torch.testing.assert_close(attn(x), attn.proj(y), atol=1e-5, rtol=0)
     assert attn.sparse == (impl == "sparse" and kind != "full")
+
+
+@pytest.mark.parametrize("kind", ["row", "col", "conv"])
+def test_sparse_layer_keeps_only_its_projections_for_backward(kind):
+    """A sparse layer recomputes its blockwise scores, probabilities and key windows in backward:
+    what autograd keeps is the layer input (for the QKV projection), the q/k/v projection and
+    the attention output (for the output projection), each (B, S, width); never the per-query
+    windows (B, H, S, text + window), which are wider here (H * (4 + 32) = 72 > 3 * H * D = 24).
+    Gradients still equal the dense reference's (test_sparse_model_equals_dense_mask_model)."""
+    torch.manual_seed(0)
+    B, C, H, D, text_len, grid = 2, 8, 2, 4, 3, 8
+    attn = SelfAttention(C, H, D, depth=2, layout=SeqLayout(kind, text_len, grid, 5), impl="sparse")
+    S = text_len + grid * grid
+    x = torch.randn(B, S, C, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = attn(x)
+    y.sum().backward()
+    assert sum(saved.values()) <= B * S * (C + 3 * H * D + H * D), saved
+    assert max(saved.values()) <= B * S * 3 * H * D
+    assert x.grad is not None and all(p.grad is not None for p in attn.parameters())

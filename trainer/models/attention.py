@@ -15,6 +15,7 @@ has no backward on CPU (eager or compiled), so it cannot train here.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.models.masks import check_geometry, image_visible, mask_rows
 
@@ -327,17 +329,21 @@ class SelfAttention(nn.Module):
         elif start != 0:
             raise ValueError("start must be 0 without a cache")
         elif self.sparse:
-            y = sparse_attend(
-                q,
-                k,
-                v,
-                lay.kind,
-                lay.text_len,
-                lay.grid,
-                lay.conv_kernel,
+            attn = functools.partial(
+                sparse_attend,
+                kind=lay.kind,
+                text_len=lay.text_len,
+                grid=lay.grid,
+                conv_kernel=lay.conv_kernel,
                 text_impl=self._dense_impl(x),
                 dropout_p=dropout_p,
             )
+            if torch.is_grad_enabled() and q.requires_grad:
+                # Recompute the blockwise scores, probabilities and key windows in backward
+                # (as fused attention kernels do) instead of keeping them: only q, k, v stay.
+                y = checkpoint(attn, q, k, v, use_reentrant=False)
+            else:
+                y = attn(q, k, v)
         else:
             y = attend(
                 q,
