@@ -6,7 +6,8 @@
 1. ratio: latents/s of our engine (Ray Train + DeepSpeed, 1 worker owning all cores; ZeRO-0 by
    default: one worker has nothing to partition, and ZeRO-2's flat-buffer copies cost it ~15%,
    `--zero-stage 2` measures that) over
-   a bare single-process diffusers loop — `UNet2DConditionModel`, torch AdamW on fp32 weights,
+   a bare single-process diffusers loop — `UNet2DConditionModel`, torch AdamW (fused, as the
+   engine's) on fp32 weights,
    the loop a user of diffusers' `train_text_to_image.py` writes — on the same U-Net (the
    `digits` preset), batch, data and objective (ε-prediction MSE on closed-form-noised latents),
    in `--precision`: fp32 for both, or bf16 (bare: autocast, which keeps GroupNorm in fp32;
@@ -68,7 +69,7 @@ def bare_loop(precision: str):
     torch.manual_seed(0)
     cfg = unet_preset("digits")
     unet = UNet2DConditionModel(**diffusers_config(cfg)).train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as ours
     ab = NoiseSchedule().alphas_cumprod()
     z0 = torch.randn(BATCH, *cfg.latent_shape)
     text = torch.randn(BATCH, SYNTHETIC_TEXT_LEN, cfg.cross_attention_dim)

@@ -1,20 +1,28 @@
 """Training engine benchmark: every figure measured side by side in this one run.
 
     .venv/bin/python -m benchmarks.train            # ~15-25 min on 2 cores (the 1.3B part dominates)
-    .venv/bin/python -m benchmarks.train --skip-1b  # the rest, a few minutes
+    .venv/bin/python -m benchmarks.train --skip-1b  # the rest, ~6 min
 
-1. overhead: Ray Train + DeepSpeed (1 worker, all cores) step time vs a bare single-process
-   PyTorch loop (same weights dtype, torch AdamW) on the same 151M DALL-E and batch (goal <= 1.10).
-   Both in `engine.precision=auto`: bf16 on AVX512-BF16/AMX CPUs, fp32 on others.
+1. overhead: Ray Train + DeepSpeed (1 worker, all cores, ZeRO-0, `engine.autocast=true`) step
+   time vs a bare single-process PyTorch loop doing the same math on the same 151M DALL-E and
+   batch: fp32 weights and Adam state, forward + loss under autocast, fused AdamW (goal <= 1.10).
+   Also printed: the bare loop with torch's default AdamW, the old bf16-weights loop, and the
+   engine in DeepSpeed's bf16 mode under ZeRO-1. Precision `auto`: bf16 on AVX512-BF16/AMX
+   CPUs, fp32 on others. The machine's speed drifts (shared cores), so both sides are timed in
+   windows of `--steps` steps (the bare loop before Ray starts and after the engine ran, the
+   engine in its log windows after the start-up one) and each side's figure is its median.
 2. MFU of the engine run vs the matmul peak in that dtype measured here (goal >= 0.5).
-3. ZeRO-3 model-state memory per worker (RSS growth from engine init through the first step)
-   at 2 workers / 1 worker (goal <= 0.55).
+3. ZeRO-3 model state per worker at 2 workers / 1 worker (goal <= 0.55): the bytes of the
+   tensors DeepSpeed holds (parameter partitions, gradients, fp32 master partitions, Adam
+   moments, buffers; `trainer.engine.engine_state_bytes`); RSS growth printed beside it.
 4. The 1.3B preset on 2 workers inside this machine: ZeRO-3 + optimizer state offloaded to disk
    (ZeRO-Infinity); optimizer steps taken?, peak RSS, step time.
 5. The paper's sparse pattern (row/col/conv, computed blockwise) vs the same pattern through
-   dense (L, L) masks, on the peer config at a 32x32 grid (L = 64 + 1024): training tokens/s
-   ratio (goal >= 1.0) and peak process memory ratio (goal <= 0.7), each run in a fresh process
-   (a plain loop: fp32 weights and AdamW, autocast to the engine's dtype).
+   dense (L, L) masks, on the peer config at a 32x32 grid (L = 64 + 1024), a plain loop (fp32
+   weights and AdamW, autocast to the engine's dtype), each figure from a fresh process:
+   training tokens/s ratio (goal >= 1.0) and the ratio of a training step's peak memory above
+   the memory it starts from (weights, Adam state: identical in both) (goal <= 0.7); the
+   activations saved for backward and the whole processes' peak RSS are printed beside it.
 6. Cached sampling on the peer config: image tokens/s of one candidate (prefill + 255 decode
    steps, multinomial sampling) in the engine's dtype; batched candidates printed too.
 
@@ -32,6 +40,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -43,7 +52,7 @@ from jobs.common import init_ray
 from trainer.config import DalleTrainSection, TrainConfig
 from trainer.engine import DTYPES, resolve_precision
 from trainer.launch import fit, worker_env
-from trainer.metrics import measure_peak_flops
+from trainer.metrics import current_rss_gib, measure_peak_flops
 from trainer.models.dalle import DalleTransformer, compute_dalle_loss, dalle_preset
 
 # The peer config from DESIGN.md (lucidrains' DALLE-pytorch measured on this machine).
@@ -73,46 +82,85 @@ def peer_overrides() -> list[str]:
     return [f"dalle.{k}={v}" for k, v in PEER.items()]
 
 
-def bare_loop_tokens_per_s(steps: int, warmup: int) -> float:
-    """The loop a user writes without Ray or DeepSpeed: model in PRECISION, torch AdamW, one
-    process."""
+BARE_LOOPS = {  # name -> (weights dtype is PRECISION, autocast, fused AdamW)
+    "bf16-weights": (True, False, False),  # the old baseline: no fp32 master copy
+    "autocast": (False, True, False),  # a plain PyTorch AMP loop, default AdamW
+    "autocast+fused": (False, True, True),  # the same, with the engine's fused AdamW
+}
+
+
+def bare_loop(kind: str):
+    """The loop a user writes without Ray or DeepSpeed, one process, the engine's loss and
+    clipping. kind (BARE_LOOPS): "bf16-weights" keeps the weights and Adam state in PRECISION;
+    the "autocast" loops keep fp32 weights (the master copy) and fp32 Adam state and run the
+    forward + loss under autocast to PRECISION, the same math as the engine.
+    Returns `window(steps) -> tokens/s` over that many steps of the same loop."""
+    low_weights, amp, fused = BARE_LOOPS[kind]
     torch.manual_seed(0)
     cfg, weights = dalle_preset("tiny", **PEER), DalleTrainSection()  # the engine's defaults
-    model = DalleTransformer(cfg).to(DTYPES[PRECISION]).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = DalleTransformer(cfg)
+    if low_weights:
+        model = model.to(DTYPES[PRECISION])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
     text = torch.randint(1, cfg.text_vocab, (BATCH, cfg.text_len))
     image = torch.randint(0, cfg.image_vocab, (BATCH, cfg.image_len))
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        tl, il = model(text, image)
-        loss, _ = compute_dalle_loss(
-            tl,
-            il,
-            model.internal_text(text),
-            image,
-            weights.text_loss_weight,
-            weights.image_loss_weight,
-        )
+    amp_on = amp and PRECISION != "fp32"
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=DTYPES[PRECISION], enabled=amp_on):
+            tl, il = model(text, image)
+            loss, _ = compute_dalle_loss(
+                tl,
+                il,
+                model.internal_text(text),
+                image,
+                weights.text_loss_weight,
+                weights.image_loss_weight,
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return steps * BATCH * cfg.seq_len / (time.perf_counter() - t0)
+
+    def window(steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * BATCH * cfg.seq_len / (time.perf_counter() - t0)
+
+    return window
+
+
+def _fmt(rates: list[float]) -> str:
+    return "[" + ", ".join(f"{r:.0f}" for r in rates) + "] tokens/s"
 
 
 SPARSE_GRID = 32  # parts 5-6: the paper's grid, where sparsity matters (the peer uses 16)
 
 
-def _attention_run(shape: dict, batch: int, steps: int, warmup: int, out) -> None:
-    """Child process of `sparse_vs_dense`: trains DalleConfig fields `shape`; puts (tokens/s,
-    peak RSS GiB, GiB saved for backward) on queue `out`."""
+def _fixed_mmap_threshold() -> None:
+    """glibc: serve every allocation >= 64 KiB by mmap and return it on free, so resident memory
+    follows the live tensors (the default threshold adapts upwards and keeps freed blocks)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixing it also stops the adaptation)
+    libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+
+
+def _attention_run(shape: dict, batch: int, steps: int, warmup: int, memory: bool, out) -> None:
+    """Child process of `sparse_vs_dense`: trains DalleConfig fields `shape` in a plain loop
+    (fp32 weights and AdamW, autocast to PRECISION). Puts on queue `out` (tokens/s, peak RSS
+    GiB, GiB saved for backward, GiB of the step's peak above the memory it starts from).
+    memory=True: resident memory follows the live tensors (timings are not comparable then)."""
+    if memory:
+        _fixed_mmap_threshold()
     torch.set_num_threads(os.cpu_count() or 2)
     torch.manual_seed(0)
     cfg = dalle_preset("tiny", **shape)
     model = DalleTransformer(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     text = torch.randint(1, cfg.text_vocab, (batch, cfg.text_len))
     image = torch.randint(0, cfg.image_vocab, (batch, cfg.image_len))
     low = PRECISION != "fp32"
@@ -124,10 +172,13 @@ def _attention_run(shape: dict, batch: int, steps: int, warmup: int, out) -> Non
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    t0, most = 0.0, 0
+    t0, most, start = 0.0, 0, 0.0
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
+        # Model, grads (None) and Adam state as the step starts (after the first step's
+        # optimizer allocated its moments, the later steps all start alike).
+        start = current_rss_gib()
         saved.clear()  # all alive until backward: no address is reused within one forward
         with (
             torch.autocast("cpu", dtype=DTYPES[PRECISION], enabled=low),
@@ -141,34 +192,46 @@ def _attention_run(shape: dict, batch: int, steps: int, warmup: int, out) -> Non
         opt.zero_grad(set_to_none=True)
     tok_s = steps * batch * cfg.seq_len / (time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out.put((tok_s, peak, most / 2**30))
+    # Every step peaks alike and the first one started lowest (no Adam state yet), so the
+    # lifetime peak is a later step's: minus where that step started = the step's own peak.
+    out.put((tok_s, peak, most / 2**30, peak - start))
+
+
+def _child(shape: dict, batch: int, steps: int, memory: bool) -> tuple:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_attention_run, args=(shape, batch, steps, 1, memory, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
 
 
 def sparse_vs_dense(batch: int, steps: int) -> tuple[float, float]:
-    """(sparse/dense training tokens/s, sparse/dense peak RSS) on the peer config at a 32x32
-    grid with the paper's layer schedule; dense = the same masks as (L, L) tensors."""
-    ctx = multiprocessing.get_context("spawn")
-    res = {}
+    """(sparse/dense training tokens/s, sparse/dense peak memory of a training step) on the peer
+    config at a 32x32 grid with the paper's layer schedule; dense = the same masks as (L, L)
+    tensors. Each figure from a fresh process; speed and memory from separate ones."""
+    res, mem = {}, {}
     for impl in ("sparse", "matmul"):
-        q = ctx.Queue()
         shape = {**PEER, "image_grid": SPARSE_GRID, "attn_impl": impl}
-        p = ctx.Process(target=_attention_run, args=(shape, batch, steps, 1, q))
-        p.start()
-        res[impl] = q.get()
-        p.join()
+        res[impl] = _child(shape, batch, steps, memory=False)
+        mem[impl] = _child(shape, batch, 1, memory=True)
         print(
             f"{'sparse' if impl == 'sparse' else 'dense-mask'} attention, peer config at "
             f"{SPARSE_GRID}x{SPARSE_GRID}, batch {batch}, {PRECISION}: {res[impl][0]:.0f} "
-            f"tokens/s, peak RSS {res[impl][1]:.2f} GiB, activations saved for backward "
-            f"{res[impl][2]:.2f} GiB",
+            f"tokens/s; peak of a training step {mem[impl][3]:.2f} GiB above the "
+            f"{mem[impl][1] - mem[impl][3]:.2f} GiB it starts from (weights, Adam state); "
+            f"activations saved for backward {mem[impl][2]:.2f} GiB; process peak RSS "
+            f"{res[impl][1]:.2f} GiB",
             flush=True,
         )
     print(
-        f"activations saved for backward, sparse / dense: "
-        f"{res['sparse'][2] / res['matmul'][2]:.3f}",
+        f"sparse / dense: activations saved for backward "
+        f"{mem['sparse'][2] / mem['matmul'][2]:.3f}, process peak RSS "
+        f"{res['sparse'][1] / res['matmul'][1]:.3f}",
         flush=True,
     )
-    return res["sparse"][0] / res["matmul"][0], res["sparse"][1] / res["matmul"][1]
+    return res["sparse"][0] / res["matmul"][0], mem["sparse"][3] / mem["matmul"][3]
 
 
 @torch.no_grad()
@@ -190,7 +253,8 @@ def sparse_and_sampling(batch: int, steps: int) -> tuple[float, float, float]:
     """Parts 5 and 6: (sparse_vs_dense, sparse_mem_ratio, sample_tok_s)."""
     speed, mem = sparse_vs_dense(batch, steps)
     print(
-        f"sparse vs dense masks: tokens/s ratio {speed:.3f}, peak memory ratio {mem:.3f}",
+        f"sparse vs dense masks: tokens/s ratio {speed:.3f}, training-step peak memory ratio "
+        f"{mem:.3f}",
         flush=True,
     )
     tok_s = sample_tokens_per_s(1)
@@ -205,7 +269,7 @@ def sparse_and_sampling(batch: int, steps: int) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per throughput run")
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed window (parts 1-2)")
     ap.add_argument("--skip-1b", action="store_true", help="skip the 1.3B ZeRO-Infinity run")
     ap.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "t2i-nvme"))
     ap.add_argument("--only-sparse", action="store_true", help="run parts 5 and 6 only")
@@ -230,35 +294,70 @@ def main() -> None:
         flush=True,
     )
 
-    bare = bare_loop_tokens_per_s(args.steps, warmup=2)
-    print(f"bare PyTorch loop (151M, {PRECISION}, batch {BATCH}): {bare:.0f} tokens/s", flush=True)
+    # This machine's speed drifts (shared cores): the equivalent bare loop runs windows of
+    # `steps` steps before Ray starts and after the engine runs (Ray still up, as the engine
+    # saw it), the engine logs the same windows, and each side's median window is its figure.
+    rates = {}
+    for kind in BARE_LOOPS:  # the other two once each (one model alive at a time)
+        w = bare_loop(kind)
+        w(2)  # warm-up
+        rates[kind] = [w(args.steps) for _ in range(3 if kind == "autocast+fused" else 1)]
+    bare_window = w  # "autocast+fused", the last: timed again after the engine
 
     init_ray(RayConfig(num_cpus=cores + 2, dashboard=False), runtime_env={"env_vars": worker_env()})
-    # One worker owning all cores; log window = the timed steps after warm-up.
-    steps = 2 + args.steps
-    res = fit(
-        engine_cfg(
-            "overhead",
-            storage,
-            *peer_overrides(),
-            "scaling.num_workers=1",
-            f"scaling.cpus_per_worker={cores}",
-            "engine.zero_stage=1",
-            f"data.batch_size={BATCH}",
-            f"steps={steps}",
-            f"log_every={args.steps}",
-            f"data.synthetic_samples={steps * BATCH}",
-            f"peak_tflops={peak / 1e12}",
-        )
-    )
-    engine_tok_s = res.metrics["tokens_per_s"]
     flops_per_token = DalleTransformer(dalle_preset("tiny", **PEER)).flops_per_token()
-    mfu = engine_tok_s * flops_per_token / peak
-    overhead = bare / engine_tok_s
+
+    def engine_rates(name: str, *overrides: str) -> list[float]:
+        # One worker owning all cores; a start-up log window, then 3 timed windows of
+        # `args.steps` steps.
+        steps = 4 * args.steps
+        rows = fit_logged(
+            engine_cfg(
+                name,
+                storage,
+                *peer_overrides(),
+                "scaling.num_workers=1",
+                f"scaling.cpus_per_worker={cores}",
+                f"data.batch_size={BATCH}",
+                f"steps={steps}",
+                f"log_every={args.steps}",
+                f"data.synthetic_samples={steps * BATCH}",
+                f"peak_tflops={peak / 1e12}",
+                *overrides,
+            )
+        )
+        return [r["tokens_per_s"] for r in rows[1:]]
+
+    # The engine configuration for one worker: nothing to partition (ZeRO-0), fp32 weights and
+    # autocast, i.e. the bare "autocast+fused" loop's math inside Ray Train + DeepSpeed.
+    engine_windows = engine_rates("overhead", "engine.zero_stage=0", "engine.autocast=true")
+    # DeepSpeed's own bf16 mode (bf16 weights, fp32 master copies) under ZeRO-1, for comparison.
+    engine_z1 = statistics.median(engine_rates("overhead-z1", "engine.zero_stage=1"))
+    rates["autocast+fused"] += [bare_window(args.steps) for _ in range(3)]
+    del bare_window, w
+    bare = {kind: statistics.median(r) for kind, r in rates.items()}
+    for kind, r in rates.items():
+        print(
+            f"bare PyTorch loop (151M, {PRECISION}, batch {BATCH}, {kind}): {bare[kind]:.0f} "
+            f"tokens/s (median of {_fmt(r)})",
+            flush=True,
+        )
+    engine = statistics.median(engine_windows)
+    mfu = engine * flops_per_token / peak
+    overhead = bare["autocast+fused"] / engine
     print(
-        f"Ray Train + DeepSpeed (1 worker, ZeRO-1, {PRECISION}): {engine_tok_s:.0f} tokens/s; "
-        f"step time ratio vs bare = {overhead:.3f}; MFU = {mfu:.3f} "
-        f"({flops_per_token / 1e9:.2f} GFLOP/token)",
+        f"Ray Train + DeepSpeed (1 worker, ZeRO-0, {PRECISION} autocast): {engine:.0f} tokens/s "
+        f"(median of {_fmt(engine_windows)}); step time ratio vs the equivalent bare loop "
+        f"(autocast+fused) = {overhead:.3f}, vs autocast with default AdamW = "
+        f"{bare['autocast'] / engine:.3f}, vs bf16 weights = {bare['bf16-weights'] / engine:.3f}; "
+        f"MFU = {mfu:.3f} ({flops_per_token / 1e9:.2f} GFLOP/token; the bare loop's "
+        f"{bare['autocast+fused'] * flops_per_token / peak:.3f})",
+        flush=True,
+    )
+    print(
+        f"Ray Train + DeepSpeed (1 worker, ZeRO-1, DeepSpeed bf16 mode): {engine_z1:.0f} "
+        f"tokens/s; ratio vs autocast+fused = {bare['autocast+fused'] / engine_z1:.3f}; MFU = "
+        f"{engine_z1 * flops_per_token / peak:.3f}",
         flush=True,
     )
 
@@ -280,7 +379,9 @@ def main() -> None:
         )
         mem[workers] = r.metrics["model_state_gib"]
         print(
-            f"ZeRO-3 {workers} worker(s): model-state memory {mem[workers]:.2f} GiB per worker",
+            f"ZeRO-3 {workers} worker(s): model state held by the engine {mem[workers]:.2f} GiB "
+            f"per worker (RSS growth through the first step "
+            f"{r.metrics['model_state_rss_gib']:.2f} GiB)",
             flush=True,
         )
     mem_ratio = mem[2] / mem[1]

@@ -30,12 +30,21 @@ class ScalingSection:
     use_gpu: bool = False  # one GPU per worker when True
     cpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    data_cpus: float = 1.0  # CPUs the Ray Data tasks feeding the workers need beside them
+    # CPUs reserved (a placement group beside the workers') for the Ray Data tasks feeding the
+    # workers, at least what the objective's data path holds at once; 0: no reservation.
+    data_cpus: float = 1.0
     # When the alive nodes hold less than the workers + data_cpus, the driver says so (naming
     # the missing resources) after this many seconds, and again every as many while it lasts.
     capacity_wait_s: float = 60.0
     # Then: keep waiting for nodes (autoscaling clusters, replacements) or stop the run.
     on_capacity_shortage: Literal["wait", "fail"] = "wait"
+
+    def __post_init__(self):
+        if 0 < self.data_cpus < 1:
+            raise ValueError(
+                f"scaling.data_cpus must be 0 (no reservation) or >= 1 (every Ray Data task "
+                f"takes 1 CPU), got {self.data_cpus:g}"
+            )
 
 
 @dataclass

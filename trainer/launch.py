@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -40,7 +41,69 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-def build_trainer(cfg: TrainConfig):
+def data_cpus(cfg: TrainConfig, objective) -> float:
+    """CPUs reserved for the run's Ray Data tasks: `scaling.data_cpus`, at least what the
+    objective's data path holds at once (`data_cpus_min`, e.g. a reader + a tokenizer actor);
+    0 turns the reservation off."""
+    if cfg.scaling.data_cpus <= 0:
+        return 0.0
+    return max(cfg.scaling.data_cpus, float(getattr(objective, "data_cpus_min", 1.0)))
+
+
+@contextlib.contextmanager
+def data_reservation(cfg: TrainConfig, cpus: float):
+    """A placement group of `cpus` CPUs (one bundle) for the run's Ray Data tasks while the run
+    lasts; yields the scheduling strategy that puts them there (None when cpus is 0).
+
+    Why: the training workers sit in Ray Train's own placement group. When a node dies, Ray
+    Train restarts the group on what is left, and without a reservation the workers can take
+    every CPU there: the data tasks that feed them then never run and the run hangs (seen on a
+    2-node cluster). Reserved CPUs are the data path's alone; when the cluster cannot hold both
+    reservations, the capacity watch says what is missing."""
+    if cpus <= 0:
+        yield None
+        return
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"CPU": cpus}], strategy="STRICT_PACK", name=f"t2i-data-{cfg.name}")
+    try:
+        yield PlacementGroupSchedulingStrategy(pg)
+    finally:
+        remove_placement_group(pg)
+
+
+@contextlib.contextmanager
+def data_scheduling(strategy):
+    """Within the block, Ray Data operators being built take `strategy` (None: unchanged).
+
+    A read fixes its tasks' strategy from the current DataContext when it is called, and the
+    dataset keeps a copy of that context for the operators after it: so the strategy is set
+    while the objective builds its dataset, and every read, map task and actor pool of it (and of
+    its materialisation) goes to the reservation; large-argument tasks too (Ray Data schedules
+    those apart). Ray 2.60 marks these two DataContext fields deprecated (to be removed after
+    January 2027) without a replacement for placing a dataset's tasks; the warning is muted."""
+    if strategy is None:
+        yield
+        return
+    import warnings
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.scheduling_strategy, ctx.scheduling_strategy_large_args
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scheduling_strategy.* is deprecated")
+        ctx.scheduling_strategy = ctx.scheduling_strategy_large_args = strategy
+        try:
+            yield
+        finally:
+            ctx.scheduling_strategy, ctx.scheduling_strategy_large_args = saved
+
+
+def build_trainer(cfg: TrainConfig, data_strategy=None):
+    """The TorchTrainer of `cfg`; `data_strategy` (from `data_reservation`) places the training
+    dataset's tasks and actors."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -52,7 +115,8 @@ def build_trainer(cfg: TrainConfig):
     objective = build_objective(cfg)
     check_config(cfg, objective)  # cross-field errors here, before any worker starts
     check_faults(cfg.faults)
-    dataset = objective.dataset()
+    with data_scheduling(data_strategy):
+        dataset = objective.dataset()
     if cfg.data.cache:
         # Same order in every run (exact resume across `t2i train` invocations): the dataset
         # executes with its own copy of the DataContext, taken when it was built, so the flag
@@ -93,10 +157,12 @@ class CapacityError(RuntimeError):
     """The cluster could not hold the run (scaling.on_capacity_shortage=fail)."""
 
 
-def capacity_need(s: ScalingSection) -> dict[str, float]:
-    """What the run occupies at once: every worker's reservation, plus the CPUs its Ray Data
-    tasks need beside them (without those, the workers wait for batches that never come)."""
-    need = {"CPU": s.num_workers * s.cpus_per_worker + s.data_cpus}
+def capacity_need(s: ScalingSection, data_cpus: float | None = None) -> dict[str, float]:
+    """What the run occupies at once: every worker's reservation, plus the CPUs reserved for its
+    Ray Data tasks (`data_cpus`, default `s.data_cpus`; without those, the workers wait for
+    batches that never come)."""
+    data = s.data_cpus if data_cpus is None else data_cpus
+    need = {"CPU": s.num_workers * s.cpus_per_worker + data}
     if s.use_gpu:
         need["GPU"] = float(s.num_workers)
     return need
@@ -123,9 +189,10 @@ class CapacityWatch(threading.Thread):
     is missing, and again every `capacity_wait_s`; with `on_capacity_shortage=fail` it then
     stops the run (interrupting `fit` in the main thread) instead of waiting for nodes."""
 
-    def __init__(self, s: ScalingSection, poll_s: float = 1.0):
+    def __init__(self, s: ScalingSection, poll_s: float = 1.0, data_cpus: float | None = None):
         super().__init__(name="t2i-capacity-watch", daemon=True)
-        self.s, self.need, self.poll_s = s, capacity_need(s), poll_s
+        self.s, self.need, self.poll_s = s, capacity_need(s, data_cpus), poll_s
+        self.data_cpus = s.data_cpus if data_cpus is None else data_cpus
         self.stopped = threading.Event()
         self.failure: str | None = None
 
@@ -136,7 +203,7 @@ class CapacityWatch(threading.Thread):
         return (
             f"[t2i] capacity: the cluster's alive nodes are short of {short} for {waited:.0f}s: "
             f"this run needs {need} ({s.num_workers} workers x {s.cpus_per_worker:g} CPU "
-            f"+ scaling.data_cpus={s.data_cpus:g} for its Ray Data tasks)"
+            f"+ {self.data_cpus:g} reserved for its Ray Data tasks, scaling.data_cpus)"
         )
 
     def run(self) -> None:
@@ -227,17 +294,19 @@ class TrainProgress(threading.Thread):
 def fit(cfg: TrainConfig):
     """Run training to `cfg.steps`; returns Ray's Result (metrics of the last report).
     Never waits silently for capacity (`CapacityWatch`); shows progress (`TrainProgress`)."""
-    watch = CapacityWatch(cfg.scaling)
-    trainer = build_trainer(cfg)
-    progress = TrainProgress(cfg)
-    watch.start()
-    progress.start()
-    try:
-        return trainer.fit()
-    except KeyboardInterrupt:
-        if watch.failure:
-            raise CapacityError(watch.failure.removeprefix("[t2i] ")) from None
-        raise
-    finally:
-        watch.stopped.set()
-        progress.stopped.set()
+    cpus = data_cpus(cfg, build_objective(cfg))
+    watch = CapacityWatch(cfg.scaling, data_cpus=cpus)
+    with data_reservation(cfg, cpus) as data_strategy:
+        trainer = build_trainer(cfg, data_strategy)
+        progress = TrainProgress(cfg)
+        watch.start()
+        progress.start()
+        try:
+            return trainer.fit()
+        except KeyboardInterrupt:
+            if watch.failure:
+                raise CapacityError(watch.failure.removeprefix("[t2i] ")) from None
+            raise
+        finally:
+            watch.stopped.set()
+            progress.stopped.set()

@@ -4,6 +4,7 @@ driven through `t2i submit`. Run alone with `pytest tests/cluster/test_multinode
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -36,6 +37,27 @@ def test_capacity_need_counts_the_data_cpus_beside_the_workers():
     assert missing_resources(capacity_need(s), {"CPU": 4.0, "memory": 1e9}) == {}
     gpu = ScalingSection(num_workers=2, use_gpu=True, data_cpus=2.0)
     assert missing_resources(capacity_need(gpu), {"CPU": 8.0, "GPU": 1.0}) == {"GPU": 1.0}
+
+
+def test_data_reservation_is_at_least_what_the_data_path_holds():
+    """The CPUs reserved for the run's Ray Data tasks: scaling.data_cpus, raised to what the
+    objective's data path holds at once (CLIP: a reader task + the tokenizer actor), 0 = none;
+    a fraction of a CPU would hold no task (each takes 1) and is refused."""
+    from dataclasses import replace
+
+    from trainer.config import ScalingSection, TrainConfig
+    from trainer.launch import data_cpus
+    from trainer.objectives.clip import ClipObjective
+
+    cfg = TrainConfig(name="r")
+    plain = object()  # an objective without data_cpus_min: its data tasks take 1 CPU
+    assert data_cpus(cfg, plain) == 1.0
+    assert data_cpus(cfg, ClipObjective) == 2.0
+    three = replace(cfg, scaling=ScalingSection(data_cpus=3.0))
+    assert data_cpus(three, ClipObjective) == 3.0
+    assert data_cpus(replace(cfg, scaling=ScalingSection(data_cpus=0.0)), ClipObjective) == 0.0
+    with pytest.raises(ValueError, match=r"scaling\.data_cpus must be 0 .* or >= 1"):
+        ScalingSection(data_cpus=0.5)
 
 
 def test_capacity_watch_names_the_missing_resources_and_stops_within_the_wait(monkeypatch, capsys):
@@ -135,6 +157,17 @@ def test_unauthenticated_submission_is_refused(cluster, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def state_probe(cluster, script: str, submission: str):
+    """Run `script` (Ray state API queries printing one JSON line) with the cluster's own
+    environment (its token) for job `submission`; its parsed output."""
+    probe = subprocess.run(
+        [sys.executable, "-c", script, cluster["address"], submission],
+        env=cluster["env"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stdout + probe.stderr[-4000:]
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
 def final_weights(storage: str, step: int, local: Path):
     from safetensors.torch import load_file
 
@@ -171,12 +204,29 @@ def train_args(storage: str, job: str, steps: int) -> list[str]:
     ]
 
 
+# The placement group of every Ray Data task of a submitted training job, and the id of the
+# run's data reservation (placement group "t2i-data-<name>", name=run): Ray's state API.
+DATA_TASK_GROUPS = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_placement_groups, list_tasks
+address, submission = sys.argv[1], sys.argv[2]
+job = JobSubmissionClient(address).get_job_info(submission).job_id
+tasks = list_tasks(address=address, filters=[("job_id", "=", job)], limit=10000, detail=True)
+data = [t.placement_group_id for t in tasks if t.type == "NORMAL_TASK" and "ReadRange" in t.name]
+pgs = list_placement_groups(address=address, filters=[("creator_job_id", "=", job)], limit=1000)
+mine = [p.placement_group_id for p in pgs if p.name == "t2i-data-run"]
+print(json.dumps({"data_tasks": data, "reservation": mine[0] if mine else None}))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # two trainings + a node loss; minutes when the 2 cores are busy
 def test_spread_training_survives_losing_a_node(cluster, s3_bucket, tmp_path):
-    """2 workers SPREAD over the 2 nodes; the worker node dies mid-run, the driver says what is
-    missing, a replacement joins, the run resumes from its last complete S3 checkpoint and ends
-    bit-identical to an uninterrupted run. Also: list, status and logs of the jobs."""
+    """2 workers SPREAD over the 2 nodes, their Ray Data tasks in the run's own CPU reservation;
+    the worker node dies mid-run, the driver says what is missing, a replacement joins, the run
+    resumes from its last complete S3 checkpoint and ends bit-identical to an uninterrupted run.
+    Also: list, status and logs of the jobs."""
     import torch
 
     steps = 20
@@ -184,6 +234,10 @@ def test_spread_training_survives_losing_a_node(cluster, s3_bucket, tmp_path):
     assert clean.returncode == 0, (clean.stdout + clean.stderr)[-4000:]
     nodes = dict(re.findall(r"\[t2i\] rank (\d)/2 on node (\w+)", clean.stdout))
     assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], nodes  # spread over 2 nodes
+    # Every Ray Data task feeding the workers ran in the run's own CPU reservation.
+    groups = state_probe(cluster, DATA_TASK_GROUPS, "clean")
+    assert groups["reservation"] and groups["data_tasks"], groups
+    assert set(groups["data_tasks"]) == {groups["reservation"]}, groups
 
     go = tmp_path / "go"
     pause = ["faults.pause_at_step=5", f"faults.pause_until_file={go}"]  # the node dies there
@@ -242,7 +296,6 @@ def test_preprocess_spreads_over_both_nodes_byte_identical_to_one_node(
 ):
     """`t2i preprocess` submitted to the 2-node cluster reads and decodes on both nodes, and its
     output is byte-identical to the same run on this process's single-node Ray."""
-    import json
 
     from data_pipeline.config import load_config
     from data_pipeline.preprocess.config import PreprocessConfig
@@ -261,11 +314,6 @@ def test_preprocess_spreads_over_both_nodes_byte_identical_to_one_node(
             "preprocess", *args, f"output={two}", timeout=900)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert tree_bytes(two) == tree_bytes(one)
-    probe = subprocess.run(
-        [sys.executable, "-c", TASK_NODES, cluster["address"], "pre"],
-        env=cluster["env"], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert probe.returncode == 0, probe.stdout + probe.stderr[-4000:]
-    tasks = json.loads(probe.stdout.strip().splitlines()[-1])
+    tasks = state_probe(cluster, TASK_NODES, "pre")
     readers = {node for name, node in tasks if "read_shard_task" in name}
     assert len(readers) == 2, tasks  # the shard readers ran on both nodes

@@ -48,6 +48,8 @@ class ClipTokenize:
 
 class ClipObjective:
     name = "clip"
+    # CPUs its data path holds at once: a shard reader task + the ClipTokenize actor (1 each).
+    data_cpus_min = 2.0
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
