@@ -120,6 +120,11 @@ def main() -> None:
         choices=[0, 1, 2],
         help="the 1-worker engine's ZeRO stage (one worker has nothing to partition)",
     )
+    ap.add_argument(
+        "--autocast",
+        action="store_true",
+        help="bf16 engine as fp32 weights + torch.autocast (engine.autocast), like the bare loop",
+    )
     ap.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "t2i-nvme-ldm"))
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -142,6 +147,7 @@ def main() -> None:
                                  f"scaling.cpus_per_worker={cores}",
                                  f"engine.zero_stage={args.zero_stage}",
                                  f"engine.precision={precision}",
+                                 f"engine.autocast={str(args.autocast).lower()}",
                                  f"data.batch_size={BATCH}",
                                  f"steps={(args.windows + 1) * args.steps}",
                                  f"log_every={args.steps}", f"data.synthetic_samples={BATCH * 64}",
@@ -156,8 +162,9 @@ def main() -> None:
         flush=True,
     )
     print(f"engine windows: {_fmt(engine_rates)}", flush=True)
+    mode = f"{precision} autocast" if args.autocast else precision
     print(
-        f"Ray Train + DeepSpeed (1 worker, ZeRO-{args.zero_stage}, {precision}): {engine:.1f} latents/s; "
+        f"Ray Train + DeepSpeed (1 worker, ZeRO-{args.zero_stage}, {mode}): {engine:.1f} latents/s; "
         f"ratio vs bare = {ratio:.3f}",
         flush=True,
     )
