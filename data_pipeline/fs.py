@@ -374,3 +374,140 @@ def file_digest(path: str) -> tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Model checkpoints from s3:// (or local): a per-node cache
+# --------------------------------------------------------------------------------------------
+
+CACHE_ENV = "T2I_CACHE_DIR"  # where fetched checkpoints live; default ~/.cache/ray-t2i/checkpoints
+_DONE = "fetched.json"  # written last in a cache entry, beside the copy: its sha256
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """A checkpoint file or directory on this node's disk.
+
+    `sha256` is the file's sha256, or for a directory the sha256 of its sorted lines
+    `<relative path>\\t<file sha256>\\n` (`tree_digest`): the value manifests record."""
+
+    path: str  # local file or directory (an s3:// source: its copy in the node cache)
+    sha256: str
+    uri: str  # what the user named, normalised (safe to log)
+    is_dir: bool
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/ray-t2i/checkpoints")
+
+
+def tree_digest(file_digests: dict[str, str]) -> str:
+    """sha256 of a directory from `{relative path: file sha256}` (see `LocalCopy`)."""
+    h = hashlib.sha256()
+    for rel in sorted(file_digests):
+        h.update(f"{rel}\t{file_digests[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def _local_tree(path: str) -> dict[str, str]:
+    out = {}
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path).replace(os.sep, "/")] = file_digest(full)[1]
+    return out
+
+
+def _s3_objects(loc: Location) -> tuple[bool, list[tuple[str, str, int]]]:
+    """(is a directory, [(relative key or "", ETag, size)]) of an S3 file or prefix, sorted;
+    raises FileNotFoundError when neither exists. ETags come from S3 listings (boto3): pyarrow's
+    file info has sizes and times but no ETag."""
+    endpoint, region, options = _client_settings(loc.fs)
+    client = _boto3_client(endpoint, region, options)
+    bucket, _, key = loc.path.partition("/")
+    if key:
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+            return False, [("", head["ETag"].strip('"'), int(head["ContentLength"]))]
+        except client.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    objects = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            rel = o["Key"][len(prefix) :]
+            if rel and not rel.endswith("/"):  # "dir/" placeholder objects are not files
+                objects.append((rel, o["ETag"].strip('"'), int(o["Size"])))
+    if not objects:
+        raise FileNotFoundError(f"no such file or directory {loc.uri}")
+    return True, sorted(objects)
+
+
+def fetch_checkpoint(
+    uri: str, *, storage: object | None = None, what: str = "checkpoint"
+) -> LocalCopy:
+    """A local path + sha256 for a checkpoint file or directory named by a user (`what`: the
+    config key, for errors).
+
+    A local path is used in place (its sha256 computed). An `s3://` file or prefix is downloaded
+    once per node into `cache_root()` (env `T2I_CACHE_DIR`), under a name keyed by the URI and
+    every object's ETag and size, so a changed object is fetched again and an unchanged one never
+    is. Concurrent callers on one node (Ray actors of one pool) take an exclusive lock file for
+    that entry: the first downloads into a temporary directory, writes its digest record and
+    renames it into place; the others wait on the lock and find it done. A killed download leaves
+    only a temporary directory, which no reader uses."""
+    import fcntl
+    import json
+    import tempfile
+
+    loc = resolve(uri, storage=storage)
+    if not loc.is_s3:
+        if os.path.isfile(loc.path):
+            return LocalCopy(loc.path, file_digest(loc.path)[1], loc.uri, False)
+        if os.path.isdir(loc.path):
+            return LocalCopy(loc.path, tree_digest(_local_tree(loc.path)), loc.uri, True)
+        raise FileNotFoundError(f"{what}: no such file or directory {loc.uri}")
+    try:
+        is_dir, objects = _s3_objects(loc)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: no such file or directory {loc.uri}") from None
+    key = hashlib.sha256(json.dumps([loc.uri, objects]).encode()).hexdigest()[:32]
+    root = cache_root()
+    os.makedirs(root, exist_ok=True)
+    entry = os.path.join(root, key)
+    name = os.path.basename(loc.path.rstrip("/")) or "root"
+    local = os.path.join(entry, name)  # the file or directory; the digest record beside it
+
+    def done() -> str | None:
+        try:
+            with open(os.path.join(entry, _DONE)) as f:
+                return json.load(f)["sha256"]
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+
+    if (sha := done()) is not None:  # the common case: fetched earlier, no lock needed
+        return LocalCopy(local, sha, loc.uri, is_dir)
+    with open(os.path.join(root, f"{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also on a crash)
+        if (sha := done()) is not None:  # another actor fetched it while we waited
+            return LocalCopy(local, sha, loc.uri, is_dir)
+        tmp = tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root)
+        try:
+            digests = {}
+            for rel, _etag, _size in objects:
+                src = loc.join(rel) if is_dir else loc
+                dst = os.path.join(tmp, name, rel) if is_dir else os.path.join(tmp, name)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                digests[rel] = download_file(src, dst)
+            sha = tree_digest(digests) if is_dir else digests[""]
+            record = {"uri": loc.uri, "sha256": sha, "objects": objects}
+            with open(os.path.join(tmp, _DONE), "w") as f:
+                json.dump(record, f)
+            shutil.rmtree(entry, ignore_errors=True)  # a half-renamed leftover, if any
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return LocalCopy(local, sha, loc.uri, is_dir)
