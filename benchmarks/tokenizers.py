@@ -33,7 +33,7 @@ import torch
 
 from trainer.models.image_tokenizer import ImageTokenizer
 from trainer.recon import load_split_images, reconstruction_psnr
-from trainer.tokenizers import load_image_tokenizer
+from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
 
 def parse_tokenizers(items: list[str]) -> dict[str, str]:

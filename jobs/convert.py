@@ -56,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_loss and args.source != "taming-vqgan":
         raise ValueError("--keep-loss applies to --from taming-vqgan only")
     if args.source == "openai-dvae":
-        from trainer.tokenizers import convert_openai_dvae
+        from trainer.pretrained.converters import convert_openai_dvae
 
         info = convert_openai_dvae(args.encoder, args.decoder, args.out)
     else:
-        from trainer.tokenizers import convert_taming_vqgan
+        from trainer.pretrained.converters import convert_taming_vqgan
 
         info = convert_taming_vqgan(args.ckpt, args.config, args.out, keep_loss=args.keep_loss)
     print(f"convert: {args.source} -> {args.out}")

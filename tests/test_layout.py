@@ -2,7 +2,9 @@
 top-level and inside functions alike.
 
     trainer/models/  pure modules: torch, the ecosystem libraries and other model files only
-    data_pipeline/   nothing from trainer/ except trainer/models/ and the tokenizer loader
+    data_pipeline/   nothing from trainer/ except trainer/models/ and trainer/pretrained/
+    trainer/pretrained/  loaders of released weights: only trainer/models/, data_pipeline.fs,
+                     data_pipeline.config (and external libraries)
     trainer/         may import data_pipeline (readers, storage, the config machinery)
     jobs/            may import both; nothing imports jobs/
     and no import circle among the project's modules.
@@ -17,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainer", "data_pipeline", "jobs")
-TOKENIZER_LOADER = "trainer.tokenizers"  # data_pipeline runs tokenizers in its stages
+LOADERS = "trainer.pretrained"  # data_pipeline runs tokenizers and text encoders in its stages
+LOADER_DEPS = ("trainer.models", "data_pipeline.fs", "data_pipeline.config")  # all LOADERS may use
 
 
 def module_name(path: Path) -> str:
@@ -153,7 +156,31 @@ def test_package_directions():
         for dep in edges:
             assert not _under(dep, "jobs") or _under(mod, "jobs"), f"{mod} imports {dep}"
             if _under(mod, "data_pipeline") and _under(dep, "trainer"):
-                assert _under(dep, "trainer.models") or dep == TOKENIZER_LOADER, (
+                assert _under(dep, "trainer.models") or _under(dep, LOADERS), (
                     f"{mod} imports {dep}: data_pipeline may use only trainer.models and "
-                    f"{TOKENIZER_LOADER}"
+                    f"{LOADERS}"
                 )
+
+
+def loader_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of project modules by `trainer.pretrained` outside LOADER_DEPS (and itself; the
+    bare packages `data_pipeline` / `trainer` are what `from data_pipeline import fs` names, and
+    their empty `__init__` imports nothing)."""
+    return sorted(
+        f"{mod} imports {dep}"
+        for mod, edges in graph.items()
+        if _under(mod, LOADERS)
+        for dep in edges
+        if dep not in PACKAGES and not any(_under(dep, ok) for ok in (*LOADER_DEPS, LOADERS))
+    )
+
+
+def test_pretrained_loaders_import_only_models_storage_and_config():
+    assert loader_violations({"trainer.pretrained.x": {"trainer.config"}}) == [
+        "trainer.pretrained.x imports trainer.config"
+    ]  # the check itself catches a planted import
+    assert loader_violations({"trainer.pretrained.x": {"data_pipeline.shards"}}) != []
+    for pkg in ("trainer", "data_pipeline"):  # the bare packages stay empty
+        assert imported_names(ROOT / pkg / "__init__.py") == set(), pkg
+    assert (ROOT / "trainer" / "pretrained" / "__init__.py").exists()
+    assert loader_violations(import_graph()) == []

@@ -198,7 +198,7 @@ def tokenizer_report(cfg: EvalConfig, log=print) -> dict | None:
     if not cfg.image_tokenizer:
         return None
     from trainer.recon import load_split_images, reconstruction_psnr
-    from trainer.tokenizers import load_image_tokenizer
+    from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
     tok = load_image_tokenizer(cfg.image_tokenizer, storage=cfg.storage)
     images = load_split_images(

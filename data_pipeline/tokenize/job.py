@@ -123,7 +123,7 @@ def _text_encoder_spec(cfg: TokenizeConfig) -> TextEncoderSpec:
 
 def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
     """What the manifest says about the models (loads the image tokenizer once, on the driver)."""
-    from trainer.tokenizers import load_image_tokenizer
+    from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
     cfg = ctx.cfg
     tok = load_image_tokenizer(cfg.image_tokenizer.path, storage=cfg.storage)

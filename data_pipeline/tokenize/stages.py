@@ -123,7 +123,7 @@ class EncodeImages:
     (KL-AE, already scaled). Quarantined rows get zeros (the writer drops them)."""
 
     def __init__(self, spec: ImageEncoderSpec, tokenizer=None):
-        from trainer.tokenizers import load_image_tokenizer
+        from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
         self.spec = spec
         self.device = _device(spec.threads)

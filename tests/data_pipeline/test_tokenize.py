@@ -22,7 +22,7 @@ from data_pipeline.tokenize.writer import DONE_DIR, PARTS_DIR
 from tests.s3_fault_proxy import FaultProxy, combine, every
 from trainer.config import TrainConfig
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
-from trainer.tokenizers import load_image_tokenizer
+from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
 SIZE = 16
 WORDS = ("zero", "one", "two", "three", "four")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jobs.cli import main
-from trainer.tokenizers import load_image_tokenizer
+from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_cli_checks_arguments_and_dispatches_taming(tmp_path, monkeypatch, capsy
     assert main(["convert", "--from", "taming-vqgan", "--ckpt", "x", "--out", "o"]) == 2
     assert "needs --config" in capsys.readouterr().err
 
-    import trainer.tokenizers as tokenizers
+    import trainer.pretrained.converters as tokenizers
 
     calls = []
     monkeypatch.setattr(

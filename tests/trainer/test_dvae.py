@@ -169,7 +169,7 @@ def test_dvae_trains_on_digits_and_exports_a_tokenizer(ray_local, tmp_path):
     from data_pipeline.digits import DigitsConfig, build_digits
     from trainer.config import TrainConfig
     from trainer.launch import fit
-    from trainer.tokenizers import load_image_tokenizer
+    from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
     build_digits(DigitsConfig(out=str(tmp_path / "digits"), photos=0), log=lambda *_: None)
     steps = 40

@@ -24,7 +24,7 @@ from trainer.recon import (
     psnr,
     reconstruction_psnr,
 )
-from trainer.tokenizers import load_image_tokenizer
+from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
 TINY = KlaeConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4)
 

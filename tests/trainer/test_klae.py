@@ -25,7 +25,7 @@ from trainer.models.klae import (
     diffusers_config,
 )
 from trainer.objectives.klae import KlaeObjective
-from trainer.tokenizers import load_image_tokenizer
+from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(image_size=16, block_out_channels=[8, 16, 16], norm_num_groups=4, latent_channels=4)

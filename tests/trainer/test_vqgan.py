@@ -24,7 +24,8 @@ from trainer.models.vqgan import (
     VqganConfig,
     VqganTokenizer,
 )
-from trainer.tokenizers import convert_taming_vqgan, load_image_tokenizer
+from trainer.pretrained.converters import convert_taming_vqgan
+from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@
 `dall_e.Encoder.blocks` / `dall_e.Decoder.blocks` (convolutions hold `w` and `b`), so
 `encoder.load_state_dict(openai_encoder.state_dict(), strict=True)` works, and a `Dvae` or
 `DvaeTokenizer` state dict is the two of them under `encoder.` and `decoder.`.
-`trainer.tokenizers.convert_openai_dvae` turns OpenAI's files into a tokenizer directory.
+`trainer.pretrained.converters.convert_openai_dvae` turns OpenAI's files into a tokenizer directory.
 
 One generalisation: `group_count` (OpenAI: always 4, downsampling f = 8) may be set to any G >= 1,
 giving f = 2**(G-1) with the same key naming; group g is 2**(g-1) * n_hid wide in the encoder and

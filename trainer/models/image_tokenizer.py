@@ -6,7 +6,7 @@ codes (B, H/f, W/f) in [0, vocab_size) or, for the KL autoencoder, latents (B, C
 already multiplied by `scaling_factor`; `decode` goes back to [0, 1]. `load_strict` is the strict
 state-dict load every tokenizer uses; `compute_psnr` and `compute_code_usage` are the
 reconstruction / codebook metrics the tokenizer objectives log. Loading a tokenizer from a directory (`model.safetensors` +
-`config.yaml`, the names below) and converting ecosystem weights live in `trainer/tokenizers.py`.
+`config.yaml`, the names below) and converting ecosystem weights live in `trainer/pretrained/`.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ class LdmObjective:
             path = self.l.autoencoder or recorded.get("path", "")
             if not path:
                 return None
-            from trainer.tokenizers import load_image_tokenizer
+            from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
             tok = load_image_tokenizer(path, storage=self.cfg.storage)
             if tok.fingerprint != recorded["fingerprint"]:

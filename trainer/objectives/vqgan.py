@@ -46,7 +46,7 @@ from trainer.models.vqgan import (
 )
 from trainer.objectives.common import shard_dataset
 from trainer.recon import image_grid
-from trainer.tokenizers import read_init_state
+from trainer.pretrained.image_tokenizers import read_init_state
 
 DISC = "discriminator"
 LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`

@@ -129,7 +129,7 @@ def load_ar_models(cfg: SampleConfig, device: str):
     """(DALL-E in `cfg.precision`, text tokenizer, image tokenizer), checked against each other
     and against the token dataset the model trained on."""
     from data_pipeline.text_tokens import load_text_tokenizer
-    from trainer.tokenizers import load_image_tokenizer
+    from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
     model, train_cfg = load_dalle(cfg.model, cfg.storage, device)
     m = train_cfg.dalle

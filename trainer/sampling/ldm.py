@@ -152,7 +152,7 @@ class LdmGenerator:
         from data_pipeline import token_dataset as T
         from data_pipeline.text_tokens import load_text_tokenizer
         from data_pipeline.tokenize.stages import EmbedText, TextEncoderSpec
-        from trainer.tokenizers import load_image_tokenizer
+        from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
         self.cfg, self.device = cfg, device
         s = cfg.sample

@@ -1,149 +1,31 @@
-"""Image tokenizers on storage: loading them, and converting ecosystem weights into them.
+"""Converters (`t2i convert`): ecosystem tokenizer weights -> a tokenizer directory
+(`model.safetensors` + `config.yaml`) that `load_image_tokenizer` and `t2i train` read.
 
-`trainer/models/` holds the pure modules (`DvaeTokenizer`, `VqganTokenizer`, `KlaeTokenizer`, the
-`ImageTokenizer` base); this module is where they meet files and run configs:
+`convert_openai_dvae` (OpenAI's `dall_e` Encoder/Decoder state dicts) and `convert_taming_vqgan`
+(a taming-transformers `VQModel` checkpoint + its YAML). Inputs are safetensors or
+`torch.load(weights_only=True)` state dicts: nothing that pickles code is ever unpickled; shapes
+are inferred and every name is loaded strictly. Local paths and s3:// URIs both work.
 
-    tok = load_image_tokenizer("runs/demo/train/dvae-digits")   # a run, a checkpoint, or a
-    codes = tok.encode(images)                                 # `t2i convert` output directory
-    recon = tok.decode(codes)
-
-Images are float32 tensors (B, 3, H, W) in [0, 1] (H and W multiples of `tok.downsample`).
-Discrete tokenizers return int64 codes (B, H/f, W/f) in [0, vocab_size); the KL autoencoder returns
-latents (B, C, H/f, W/f) already multiplied by its `scaling_factor` (so they have ~unit variance,
-as latent diffusion expects) and `decode` undoes that scaling.
-
-A tokenizer directory holds `model.safetensors` (the model's own state dict) and `config.yaml` (a
-`t2i train` config whose `objective` names the kind and whose section of that name is its shape).
-Every exported `t2i train` checkpoint is such a directory, and so is what `t2i convert` writes.
-A diffusers `AutoencoderKL` directory (`config.json` + `diffusion_pytorch_model.safetensors`, as
-Stable Diffusion's `vae/` folder) loads too, as a KL-AE with the `scaling_factor` of its config.
-
-Converters (`t2i convert`): `convert_openai_dvae` (OpenAI's `dall_e` Encoder/Decoder state dicts)
-and `convert_taming_vqgan` (a taming-transformers `VQModel` checkpoint + its YAML) write such a
-directory. Inputs are safetensors or `torch.load(weights_only=True)` state dicts: nothing that
-pickles code is ever unpickled. Local paths and s3:// URIs both work (`data_pipeline.fs`).
+The `config.yaml` written is a `t2i train` config holding `name`, `objective`, the shape section
+and (taming) the `vqgan_train:` loss settings carried over.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
+import yaml
 
 from data_pipeline import fs
-from data_pipeline.config import StorageConfig, load_config, to_yaml
-from trainer.checkpoint import find_exported
-from trainer.config import TrainConfig, VqganTrainSection
+from data_pipeline.config import StorageConfig
 from trainer.models.discriminator import DISC_PREFIX, NLayerDiscriminator
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
-from trainer.models.image_tokenizer import CONFIG, WEIGHTS, ImageTokenizer, load_strict
-from trainer.models.klae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, KlaeTokenizer
+from trainer.models.image_tokenizer import CONFIG, WEIGHTS, load_strict
 from trainer.models.vqgan import LOSS_PREFIX, VqganConfig, VqganTokenizer, autoencoder_state
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def _dvae(cfg: TrainConfig, state: dict) -> ImageTokenizer:
-    return DvaeTokenizer.from_state(cfg.dvae, state)
-
-
-def _vqgan(cfg: TrainConfig, state: dict) -> ImageTokenizer:
-    return VqganTokenizer.from_state(cfg.vqgan, state)
-
-
-def _klae(cfg: TrainConfig, state: dict) -> ImageTokenizer:
-    return KlaeTokenizer.from_state(cfg.klae, state)
-
-
-# objective name -> builder(config, state dict) -> tokenizer (strict loading inside each builder)
-BUILDERS: dict[str, Callable[[TrainConfig, dict], ImageTokenizer]] = {
-    "dvae": _dvae,
-    "vqgan": _vqgan,
-    "klae": _klae,
-}
-
-
-def _tokenizer_dir(loc: fs.Location) -> fs.Location:
-    """`loc` itself when it holds weights + config; else the newest complete checkpoint of the run
-    at `loc` that has exported weights."""
-    return find_exported(loc, weights=WEIGHTS, config=CONFIG, what="image tokenizer")
-
-
-def load_image_tokenizer(
-    path: str, *, storage: StorageConfig | None = None, device: str | torch.device = "cpu"
-) -> ImageTokenizer:
-    """Load a dVAE, VQGAN or KL-AE from a local or s3:// directory (see the module docstring).
-
-    Weights load with safetensors (no pickle) and `strict=True`; the tokenizer is in eval mode.
-    """
-    from safetensors.torch import load_file
-
-    storage = storage or StorageConfig()
-    loc = fs.resolve(path, storage=storage)
-    if _is_diffusers_dir(loc):
-        return _load_diffusers_klae(loc, device)
-    src = _tokenizer_dir(loc)
-    tmp = tempfile.mkdtemp(prefix="t2i-tokenizer-")
-    try:
-        for name in (WEIGHTS, CONFIG):
-            with open(os.path.join(tmp, name), "wb") as out:
-                out.write(fs.read_bytes(src.join(name)))
-        # migrate: a run exported before a key moved (TrainConfig.RENAMED) still loads
-        cfg = load_config(TrainConfig, os.path.join(tmp, CONFIG), require=False, migrate=True)
-        if cfg.objective not in BUILDERS:
-            raise ValueError(
-                f"{src.join(CONFIG).uri}: objective {cfg.objective!r} is not an image tokenizer "
-                f"(expected one of {', '.join(BUILDERS)})"
-            )
-        state = load_file(os.path.join(tmp, WEIGHTS))
-        _, digest = fs.file_digest(os.path.join(tmp, WEIGHTS))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tok = BUILDERS[cfg.objective](cfg, state)
-    tok.fingerprint = digest
-    return tok.to(device).eval()
-
-
-def _is_diffusers_dir(loc: fs.Location) -> bool:
-    return fs.exists(loc.join(DIFFUSERS_CONFIG)) and fs.exists(loc.join(DIFFUSERS_WEIGHTS))
-
-
-def _load_diffusers_klae(loc: fs.Location, device: str | torch.device) -> ImageTokenizer:
-    """A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)."""
-    from safetensors.torch import load
-
-    cfg_loc = loc.join(DIFFUSERS_CONFIG)
-    try:
-        config = json.loads(fs.read_bytes(cfg_loc))
-    except ValueError as e:
-        raise ValueError(f"{cfg_loc.uri}: not valid JSON: {e}") from None
-    weights = fs.read_bytes(loc.join(DIFFUSERS_WEIGHTS))
-    tok = KlaeTokenizer.from_diffusers(config, load(weights), source=cfg_loc.uri)
-    tok.fingerprint = hashlib.sha256(weights).hexdigest()
-    return tok.to(device).eval()
-
-
-def read_init_state(path: str, storage: StorageConfig | None = None) -> dict[str, torch.Tensor]:
-    """The weights of `vqgan_train.init_from`: a safetensors file or a directory holding one
-    (`storage`: the job's S3 endpoint, region, retries and timeouts)."""
-    from safetensors.torch import load
-
-    loc = fs.resolve(path, storage=storage)
-    if not path.endswith(".safetensors"):
-        loc = loc.join(WEIGHTS)
-    return load(fs.read_bytes(loc))
-
 
 # --------------------------------------------------------------------------------------------
 # OpenAI dall_e checkpoints -> a tokenizer directory
@@ -247,7 +129,7 @@ def convert_openai_dvae(
     return _write_tokenizer_dir(
         out_dir,
         state,
-        TrainConfig(name="openai-dvae", objective="dvae", dvae=cfg),
+        {"name": "openai-dvae", "objective": "dvae", "dvae": asdict(cfg)},
         storage=storage,
         downsample=cfg.downsample,
         vocab_size=cfg.vocab_size,
@@ -258,21 +140,21 @@ def convert_openai_dvae(
 def _write_tokenizer_dir(
     out_dir: str,
     state: dict[str, torch.Tensor],
-    train_cfg: TrainConfig,
+    train_cfg: dict,
     *,
     storage=None,
     metadata: dict[str, str] | None = None,
     **summary,
 ) -> dict:
     """A converter's output: `state` (with safetensors `metadata`, if any) to
-    `out_dir/model.safetensors`, then `train_cfg` to `out_dir/config.yaml` (last, so a directory
-    with a config is complete). Returns {"out", "params", **summary}."""
+    `out_dir/model.safetensors`, then the `t2i train` config `train_cfg` to `out_dir/config.yaml`
+    (last, so a directory with a config is complete). Returns {"out", "params", **summary}."""
     from safetensors.torch import save
 
     storage = storage or StorageConfig()
     out = fs.resolve(out_dir, storage=storage)
     fs.write_bytes_atomic(out.join(WEIGHTS), save(state, metadata=metadata))
-    fs.write_bytes_atomic(out.join(CONFIG), to_yaml(train_cfg).encode())  # config last
+    fs.write_bytes_atomic(out.join(CONFIG), yaml.safe_dump(train_cfg, sort_keys=False).encode())
     return {"out": out.uri, "params": sum(v.numel() for v in state.values()), **summary}
 
 
@@ -308,11 +190,26 @@ def read_taming_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def config_from_taming_yaml(path: str) -> tuple[VqganConfig, VqganTrainSection]:
-    """The shape (`model.params.{ddconfig, n_embed, embed_dim}`) and the training settings
-    (`model.params.lossconfig.params`) of taming's model YAML."""
-    import yaml
+# taming `VQLPIPSWithDiscriminator` params carried into `vqgan_train:` (same names there), and the
+# discriminator shape's defaults (taming's, when its YAML leaves them out)
+TAMING_LOSS_KEYS = (
+    "disc_start",
+    "codebook_weight",
+    "pixelloss_weight",
+    "perceptual_weight",
+    "disc_weight",
+    "disc_factor",
+    "disc_num_layers",
+    "disc_ndf",
+    "disc_in_channels",
+    "disc_loss",
+)
+TAMING_DISC_DEFAULTS = {"disc_in_channels": 3, "disc_ndf": 64, "disc_num_layers": 3}
 
+
+def config_from_taming_yaml(path: str) -> tuple[VqganConfig, dict]:
+    """The shape (`model.params.{ddconfig, n_embed, embed_dim}`) and the training settings
+    (`model.params.lossconfig.params`, the `TAMING_LOSS_KEYS` given) of taming's model YAML."""
     doc = yaml.safe_load(fs.read_bytes(fs.resolve(path)).decode())
     try:
         params = doc["model"]["params"]
@@ -322,8 +219,7 @@ def config_from_taming_yaml(path: str) -> tuple[VqganConfig, VqganTrainSection]:
             f"{path}: not a taming VQGAN config: missing key model.params.{e.args[0]}"
         ) from None
     loss = (params.get("lossconfig") or {}).get("params") or {}
-    known = {f.name for f in fields(VqganTrainSection)}
-    train = {k: v for k, v in loss.items() if k in known}
+    train = {k: v for k, v in loss.items() if k in TAMING_LOSS_KEYS}
     if loss.get("use_actnorm"):
         raise ValueError(f"{path}: lossconfig.params.use_actnorm=true is not supported")
     if "disc_conditional" in loss and loss["disc_conditional"]:
@@ -345,7 +241,7 @@ def config_from_taming_yaml(path: str) -> tuple[VqganConfig, VqganTrainSection]:
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing key model.params.ddconfig.{e.args[0]}") from None
-    return shape, VqganTrainSection(**train)
+    return shape, train
 
 
 def convert_taming_vqgan(
@@ -363,18 +259,19 @@ def convert_taming_vqgan(
     load_strict(tok, autoencoder_state(sd), what=ckpt_path, layout="VQGAN")
     state = {k: v.detach().float().contiguous() for k, v in tok.state_dict().items()}
     if keep_loss:
-        disc = NLayerDiscriminator(train.disc_in_channels, train.disc_ndf, train.disc_num_layers)
+        d = {**TAMING_DISC_DEFAULTS, **train}
+        disc = NLayerDiscriminator(d["disc_in_channels"], d["disc_ndf"], d["disc_num_layers"])
         disc_sd = {k[len(DISC_PREFIX) :]: v for k, v in sd.items() if k.startswith(DISC_PREFIX)}
         load_strict(disc, disc_sd, what=f"{ckpt_path} ({DISC_PREFIX}*)", layout="VQGAN")
         state.update({DISC_PREFIX + k: v.detach().contiguous() for k, v in disc_sd.items()})
     return _write_tokenizer_dir(
         out_dir,
         state,
-        TrainConfig(name="taming-vqgan", objective="vqgan", vqgan=cfg, vqgan_train=train),
+        {"name": "taming-vqgan", "objective": "vqgan", "vqgan": asdict(cfg), "vqgan_train": train},
         metadata={"objective": "vqgan", "source": "taming-vqgan"},
         downsample=cfg.downsample,
         vocab_size=cfg.n_embed,
         kept_loss_keys=sum(k.startswith(LOSS_PREFIX) for k in state),
         vqgan=asdict(cfg),
-        vqgan_train=asdict(train),
+        vqgan_train=train,
     )

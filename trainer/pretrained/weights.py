@@ -1,0 +1,53 @@
+"""Reading weight files without running code: safetensors, or `torch.load(weights_only=True)`
+for the `.bin` / `.pt` / `.ckpt` files other tools write (a pickle that names any code is refused,
+never unpickled)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+
+import torch
+
+from data_pipeline import fs
+
+# A diffusers model folder's weights, in the order diffusers itself prefers them.
+DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_weights(data: bytes, uri: str) -> dict[str, torch.Tensor]:
+    """A state dict from the bytes of `uri`: safetensors by its name, else a weights-only
+    `torch.load` (a ValueError naming the file and the pickled global it refused)."""
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        try:
+            return load(data)
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"{uri}: not a valid safetensors file: {e}") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL_RE.search(str(e))
+        name = found.group(1) if found else str(e).splitlines()[0]
+        raise ValueError(
+            f"{uri}: the file pickles {name}, and we never unpickle code (save its state dict "
+            f"as .safetensors)"
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{uri}: expected a state dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def find_weights(folder: fs.Location, *, what: str) -> fs.Location:
+    """The weights file of a diffusers model folder (safetensors preferred over .bin); a
+    FileNotFoundError naming the folder and the names looked for."""
+    for name in DIFFUSERS_WEIGHT_NAMES:
+        if fs.exists(folder.join(name)):
+            return folder.join(name)
+    raise FileNotFoundError(
+        f"{folder.join(DIFFUSERS_WEIGHT_NAMES[0]).uri}: missing ({what} weights: expected "
+        f"{' or '.join(DIFFUSERS_WEIGHT_NAMES)})"
+    )
