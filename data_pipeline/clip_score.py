@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipeline import columns as C
+from data_pipeline.devices import assigned_device
 from data_pipeline.filters import clip_reason
 
 
@@ -120,7 +121,7 @@ class ClipScorer:
         import torch
 
         torch.set_num_threads(max(1, spec.threads))
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = assigned_device()  # the GPU only if Ray gave this actor one
         self.spec = spec
         self.model, self.tokenizer, mean, std = build_clip(spec, self.device)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)

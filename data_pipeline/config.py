@@ -77,7 +77,7 @@ class ActorPoolSection:
 
     batch_size: int = 64  # rows per forward pass; batches are padded to it (batch-invariant)
     concurrency: int = 1  # actors in the pool
-    num_gpus: float = 1.0  # per actor, used only when the cluster has GPUs
+    num_gpus: float = 0.0  # per actor, requested as given (0: CPU actors; data_pipeline/devices.py)
     num_cpus: float = 1.0  # per actor; also its torch thread count (at least 1)
 
 

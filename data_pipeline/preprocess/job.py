@@ -221,14 +221,13 @@ def _phase_score(ctx: _Ctx) -> list[tuple[str, dict]]:
         memory=decode_memory,
     )
     if ctx.spec:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         ds = ds.map_batches(
             ClipScorer,
             fn_constructor_args=(ctx.spec,),
             batch_size=cfg.clip.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.clip.concurrency),
             num_cpus=cfg.clip.num_cpus,
-            num_gpus=cfg.clip.num_gpus if has_gpu else 0,
+            num_gpus=cfg.clip.num_gpus,  # as configured: an autoscaler starts GPU nodes on request
         )
         ds = ds.map_batches(ApplyClipThreshold(cfg.clip.threshold), batch_size=None)
     ds = ds.map_batches(

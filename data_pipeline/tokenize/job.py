@@ -235,7 +235,6 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
     import ray
 
     cfg = ctx.cfg
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_shard_task, fn_kwargs={"limits": ctx.limits, **ctx.storage})
     # Decode reserves its worst case (an RGB image at the pixel limit); a different resource
@@ -254,7 +253,7 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
         batch_size=it.batch_size,
         compute=ray.data.ActorPoolStrategy(size=it.concurrency),
         num_cpus=it.num_cpus,
-        num_gpus=it.num_gpus if has_gpu else 0,
+        num_gpus=it.num_gpus,  # as configured: an autoscaler starts GPU nodes on request
     )
     if cfg.recipe == "ldm":
         e = cfg.text_encoder
@@ -264,7 +263,7 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
             batch_size=e.batch_size,
             compute=ray.data.ActorPoolStrategy(size=e.concurrency),
             num_cpus=e.num_cpus,
-            num_gpus=e.num_gpus if has_gpu else 0,
+            num_gpus=e.num_gpus,
         )
     return ds.map_batches(
         commit_part,

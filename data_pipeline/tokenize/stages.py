@@ -24,6 +24,7 @@ from data_pipeline import columns as C
 from data_pipeline import resumable
 from data_pipeline import token_dataset as T
 from data_pipeline.config import StorageConfig
+from data_pipeline.devices import assigned_device
 from data_pipeline.validate import decode_image, resize_center_crop
 
 PART_META_KEY = b"t2i_tokenize_part"
@@ -62,7 +63,7 @@ def _device(num_threads: int) -> str:
     import torch
 
     torch.set_num_threads(max(1, num_threads))
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return assigned_device()  # the GPU only if Ray gave this actor one
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,8 +69,8 @@ class ClipObjective:
         model = open_clip.create_model(self.cfg.clip.model, pretrained=None)
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         # FLOPs per token: 6 x the parameters of the tower that token passes through.
         pv = sum(p.numel() for p in model.visual.parameters())
         pt = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual."))
@@ -89,6 +89,14 @@ class ClipObjective:
             batch_format="numpy",
         )
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) float32 in [0, 1] -> CLIP-normalised, on x's device. Ray Train delivers
+        batches on the worker's GPU: the fp32 constants move there once (kept fp32, not cast
+        with the model like a buffer would be under bf16)."""
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
+
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         import torch.distributed as dist
         from open_clip.loss import ClipLoss
@@ -100,12 +108,12 @@ class ClipObjective:
             self._loss = ClipLoss(rank=rank, world_size=world)  # negatives from every rank
         dtype = next(engine.module.parameters()).dtype
         x = batch[PIXELS].permute(0, 3, 1, 2).float().div(255.0)  # (B, 3, S, S) in [0, 1]
-        x = ((x - self.mean) / self.std).to(dtype)
+        x = self.normalize(x).to(dtype)
         image_f, text_f, scale = engine(x, batch[TEXT].long())
         loss = self._loss(image_f.float(), text_f.float(), scale.float())
         with torch.no_grad():
             sims = image_f.float() @ text_f.float().T  # (B, B) local batch
-            acc = (sims.argmax(dim=1) == torch.arange(len(sims))).float().mean()
+            acc = (sims.argmax(dim=1) == torch.arange(len(sims), device=sims.device)).float().mean()
         return loss, {"acc_i2t": acc, "logit_scale": scale.detach().float()}
 
     def tokens_in_batch(self, batch) -> int:

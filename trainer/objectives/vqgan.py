@@ -166,7 +166,7 @@ class VqganObjective:
         t = self.train_cfg
         rec_loss = (x.float() - recon.float()).abs().mean()
         nll = t.pixelloss_weight * rec_loss
-        p_loss = torch.zeros(())
+        p_loss = torch.zeros((), device=x.device)  # on the images' device, as every metric
         if t.perceptual_weight > 0 and t.perceptual_weights:
             if self._perceptual is None:
                 from trainer.models.perceptual import VggPerceptualLoss
@@ -187,7 +187,7 @@ class VqganObjective:
         nll, rec_loss, p_loss = self.reconstruction_loss(x, recon)
         codebook, commitment = compute_vq_losses(out["z_e"], out["z_q"])
         loss = nll + t.codebook_weight * (codebook + t.beta * commitment)
-        g_loss, d_weight = torch.zeros(()), torch.zeros(())
+        g_loss, d_weight = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
         if self.gan_on(self.step):
             # The discriminator's module, not its engine: this pass belongs to the autoencoder's
             # backward (the engine froze the discriminator's parameters for it).

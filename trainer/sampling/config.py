@@ -70,7 +70,7 @@ class SampleConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     grid_cell: int = 96  # min side of one image in grid.png (upscaled by an integer factor)
     num_cpus: float = 2.0  # the Ray task's CPUs (and torch threads)
-    num_gpus: float = 1.0  # the Ray task's GPUs, requested only when the cluster has GPUs
+    num_gpus: float = 0.0  # GPUs per sampling actor, requested as given (0: CPU; see devices.py)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -1,7 +1,7 @@
 """`t2i sample`: prompts x candidates sharded over Ray actors, reranked by CLIP, written.
 
     driver:  prompts -> (prompt, candidate) rows -> chunks of sample.batch_size
-    actors:  sample.workers of them (GPUs when the cluster has any), each loads the recipe's
+    actors:  sample.workers of them (`num_gpus` GPUs each, as configured), each loads the recipe's
              models once (GENERATORS) and samples the chunks it is handed (ActorPool)
     driver:  progress line as chunks return; every row exactly once (`assemble`)
     actor 0: CLIP rerank of every candidate, best sample.keep per prompt written
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from data_pipeline.config import from_dict
+from data_pipeline.devices import assigned_device
 from trainer.progress import Progress
 from trainer.sampling.ar import ArGenerator
 from trainer.sampling.common import (
@@ -41,7 +42,8 @@ GENERATORS: dict[str, Callable] = {"ar": ArGenerator, "ldm": LdmGenerator}
 
 
 def device_for_this_process() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The GPU only where Ray reserved one for this actor/task (data_pipeline/devices.py)."""
+    return assigned_device()
 
 
 def finish(cfg: SampleConfig, prompts: list[str], cand: Candidates, seconds: float) -> dict:
@@ -100,8 +102,10 @@ def sample_on_ray(cfg: SampleConfig, log=print) -> dict:
     prompts = read_prompts(cfg)
     s = cfg.sample
     chunks = split_rows(all_rows(len(prompts), s.candidates), s.batch_size)
-    gpus = cfg.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    actor = ray.remote(SampleWorker).options(num_cpus=cfg.num_cpus, num_gpus=gpus, max_restarts=0)
+    # The configured GPUs, not what the cluster has now: an autoscaler starts GPU nodes on request.
+    actor = ray.remote(SampleWorker).options(
+        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0
+    )
     t0 = time.monotonic()
     workers = [actor.remote(asdict(cfg), prompts) for _ in range(min(s.workers, len(chunks)))]
     progress = Progress(f"sample ({cfg.recipe}, {len(workers)} worker(s))",
@@ -120,9 +124,8 @@ def sample_on_ray(cfg: SampleConfig, log=print) -> dict:
 
 
 def run_as_ray_task(fn: Callable[[dict], dict], cfg, *, num_cpus: float, num_gpus: float) -> dict:
-    """Run `fn(asdict(cfg))` as one Ray task (GPUs requested only if the cluster has any)."""
+    """Run `fn(asdict(cfg))` as one Ray task with `num_gpus` GPUs as configured."""
     import ray
 
-    gpus = num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=gpus, max_retries=0)
+    task = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
     return ray.get(task.remote(asdict(cfg)))
