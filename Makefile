@@ -10,6 +10,8 @@ DEMO_ARGS ?=
 
 # Compiled DeepSpeed ops and Ray state stay inside the checkout, shared by runs and tests.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# DS_ACCELERATOR=cpu: for the CPU-only processes started here (tests, drivers). Training workers
+# never inherit it: each sets its own from scaling.use_gpu (trainer/engine.py worker_device_env).
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup demo test lint clean

@@ -22,7 +22,10 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None, min_cpus: float
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    if not _has_cuda():  # silences DeepSpeed's accelerator warning in this CPU-only process
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Never `cuda` on a GPU host: a local Ray started here inherits this environment, and
+    # training workers decide their accelerator from scaling.use_gpu (trainer.engine).
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside a submitted job: the job's runtime env (working dir, env vars) already applies,

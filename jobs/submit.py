@@ -38,9 +38,11 @@ EXCLUDES = [
     ".ruff_cache/",
 ]
 MANAGE = ("list", "status", "logs", "stop")  # `t2i submit ACTION [JOB]` instead of a command
-# Non-secret settings worth carrying to the job; never AWS_* credentials.
 AGENT_WAIT_S = 60.0
-FORWARD_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_REGION")
+# Non-secret settings worth carrying to the job; never AWS_* credentials, and never
+# DS_ACCELERATOR: each training worker sets its own from scaling.use_gpu (a `cpu` from this
+# shell, e.g. the Makefile's, would turn the cluster's GPU workers into CPU ones).
+FORWARD_ENV = ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_REGION")
 
 
 def register(subparsers) -> None:

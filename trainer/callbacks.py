@@ -55,19 +55,30 @@ class Callback:
 class NonFiniteGuard:
     """Skips a micro-step on every rank together when any rank's loss is not finite, or when
     DeepSpeed skipped the optimizer step (non-finite gradients under bf16/fp16); stops the run
-    after `max_bad` such steps in a row. Skipping on one rank alone would desync the collectives.
+    after `max_bad` such steps in a row (fp16 loss-scale overflows are not counted: see
+    `step_applied`). Skipping on one rank alone would desync the collectives.
     The flag is reduced on the engine's device (NCCL takes CUDA tensors only)."""
 
     def __init__(self, max_bad: int, device: torch.device):
         self.max_bad, self.device = max_bad, device
         self.in_a_row = 0
+        self.skip_reason = ""  # why `step_applied` last said no
 
     def losses_ok(self, losses: dict[str, torch.Tensor]) -> bool:
         flat = torch.stack([v.detach().float() for v in losses.values()])
         return self._judge(tdist.all_ranks_finite(flat, self.device))
 
     def step_applied(self, engines: dict, active: list[str]) -> bool:
-        return self._judge(all(engines[p].was_step_applied() for p in active))
+        """Whether every active part's optimizer step was applied. An fp16 engine with a dynamic
+        loss scale skips steps whose gradients overflow as normal operation (the scale starts
+        at 2^16 and halves on each overflow, so the first steps of a run skip): such a skip is
+        not a bad step. DeepSpeed itself stops the run when the scale reaches its minimum."""
+        skipped = [p for p in active if not engines[p].was_step_applied()]
+        if skipped and all(_loss_scaled(engines[p]) for p in skipped):
+            self.skip_reason = "fp16 loss-scale overflow"
+            return False
+        self.skip_reason = "non-finite gradients"
+        return self._judge(not skipped)
 
     def _judge(self, ok: bool) -> bool:
         if ok:
@@ -82,3 +93,8 @@ class NonFiniteGuard:
 
     def step_done(self) -> None:
         self.in_a_row = 0
+
+
+def _loss_scaled(engine) -> bool:
+    """An fp16 engine with a dynamic loss scale: its skipped steps are loss-scale overflows."""
+    return bool(engine.fp16_enabled() and engine.dynamic_loss_scale())

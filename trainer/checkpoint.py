@@ -6,7 +6,7 @@ Layout (local dir or s3://), one directory per step:
         ds/state/...                DeepSpeed engine state (every rank's ZeRO shards): model
                                     weights + optimizer of the part "model"
         ds_<part>/state/...         the same for each extra part (a GAN's discriminator)
-        rng_rank00000.safetensors   each rank's torch RNG state
+        rng_rank00000.safetensors   each rank's torch RNG state (CPU + its device's generator)
         train_state.json            step, data position (epoch, batches consumed), counters
         config.yaml                 the resolved TrainConfig
         model.safetensors           consolidated weights (final checkpoint, when exported)
@@ -280,10 +280,7 @@ def load_staged(
             ds, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
     rng = os.path.join(local, f"rng_rank{rank:05d}.safetensors")
-    if os.path.exists(rng):
-        torch.set_rng_state(load_file(rng)["torch_cpu"])
-    else:  # more ranks than when saved: a fresh stream that does not replay step 0's draws
-        torch.manual_seed(torch.initial_seed() + 7919 * (step + 1))
+    restore_rng(load_file(rng) if os.path.exists(rng) else {}, step)
     for cb in (cb for cb in callbacks if cb.stateful):
         path = os.path.join(local, callback_file(cb, rank))
         if not os.path.exists(path):
@@ -291,6 +288,50 @@ def load_staged(
         cb.load_state_dict(load_file(path), source=loc.uri)
     with open(os.path.join(local, "train_state.json")) as f:
         return from_dict(TrainState, json.load(f), source=loc.uri)
+
+
+# Accelerators whose generators a checkpoint carries, when this process has initialised them.
+RNG_DEVICES = ("cuda", "xpu")
+
+
+def device_rng_modules() -> list[tuple[str, object]]:
+    """(name, torch module) of every accelerator this process has initialised (a GPU rank's
+    `torch.cuda`): their generators are what dropout, Gumbel noise and `randn_like` draw from
+    on that device. A CPU rank (its GPUs hidden, CUDA never initialised) has none."""
+    out = []
+    for name in RNG_DEVICES:
+        mod = getattr(torch, name, None)
+        if mod is not None and mod.is_available() and mod.is_initialized():
+            out.append((name, mod))
+    return out
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's random state: the CPU generator (`torch_cpu`) and each initialised device
+    generator (`torch_cuda_0`, ... one per visible device: a Ray GPU worker sees one)."""
+    out = {"torch_cpu": torch.get_rng_state()}
+    for name, mod in device_rng_modules():
+        for i, state in enumerate(mod.get_rng_state_all()):
+            out[f"torch_{name}_{i}"] = state
+    return out
+
+
+def restore_rng(saved: dict[str, torch.Tensor], step: int) -> None:
+    """Put back what `rng_state` saved: the next draws on the CPU and on each device are the ones
+    the uninterrupted run made. What the checkpoint lacks (more ranks than when saved; a device
+    generator a CPU-only run never used) gets a fresh stream that does not replay step 0's."""
+    fresh = torch.initial_seed() + 7919 * (step + 1)
+    if "torch_cpu" in saved:
+        torch.set_rng_state(saved["torch_cpu"])
+    else:
+        torch.manual_seed(fresh)  # seeds the device generators too
+        return
+    for name, mod in device_rng_modules():
+        states = [saved.get(f"torch_{name}_{i}") for i in range(mod.device_count())]
+        if all(st is not None for st in states):
+            mod.set_rng_state_all(states)
+        else:
+            mod.manual_seed_all(fresh)
 
 
 def callback_file(cb, rank: int) -> str:
@@ -324,9 +365,7 @@ def save(
     local = staging_dir(f"save-r{rank}")
     for part, engine in engines.items():  # model + optimizer state of every part
         engine.save_checkpoint(os.path.join(local, ds_dir(part)), tag=DS_TAG, save_latest=False)
-    save_file(
-        {"torch_cpu": torch.get_rng_state()}, os.path.join(local, f"rng_rank{rank:05d}.safetensors")
-    )
+    save_file(rng_state(), os.path.join(local, f"rng_rank{rank:05d}.safetensors"))
     for cb in (cb for cb in callbacks if cb.stateful):  # per-rank state (an EMA shard)
         save_file(cb.state_dict(), os.path.join(local, callback_file(cb, rank)))
     weights = (

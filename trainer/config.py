@@ -32,7 +32,10 @@ class ScalingSection:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # CPUs reserved (a placement group beside the workers') for the Ray Data tasks feeding the
     # workers, at least what the objective's data path holds at once; 0: no reservation.
-    data_cpus: float = 1.0
+    # None: scaled with the workers (trainer.launch.default_data_cpus): per worker 2 for image
+    # objectives on GPUs (they decode images on the CPU), 0.5 for token/latent ones; a quarter
+    # of that for CPU workers; at least 1.
+    data_cpus: float | None = None
     # When the alive nodes hold less than the workers + data_cpus, the driver says so (naming
     # the missing resources) after this many seconds, and again every as many while it lasts.
     capacity_wait_s: float = 60.0
@@ -40,7 +43,7 @@ class ScalingSection:
     on_capacity_shortage: Literal["wait", "fail"] = "wait"
 
     def __post_init__(self):
-        if 0 < self.data_cpus < 1:
+        if self.data_cpus is not None and 0 < self.data_cpus < 1:
             raise ValueError(
                 f"scaling.data_cpus must be 0 (no reservation) or >= 1 (every Ray Data task "
                 f"takes 1 CPU), got {self.data_cpus:g}"

@@ -56,6 +56,16 @@ def dist_max(x: torch.Tensor | float, device: torch.device | str) -> float:
     return float(_dist_reduce(x, MAX, device).max().item())
 
 
+def dist_broadcast(x: torch.Tensor, device: torch.device | str, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values of `x` (any shape and dtype; the same on every rank), on every rank (a
+    collective). The copy handed to torch lives on `device` whatever device `x` is on (a module's
+    parameters before DeepSpeed moves them are on the CPU); returns that (N,) copy."""
+    t = x.detach().reshape(-1).to(device=device, copy=True)
+    if distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
 def all_ranks_true(flag: bool | torch.Tensor, device: torch.device | str) -> bool:
     """True when `flag` holds on every rank (a collective). A tensor flag stays where it is
     computed (on `device`); no host round trip before the reduction."""

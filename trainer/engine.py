@@ -27,24 +27,70 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer import distributed as tdist
 from trainer.config import OptimizerSection, TrainConfig
 
 MODEL = "model"  # the part of a single-module objective (and the first part of a multi-part one)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def native_bf16() -> bool:
-    """Whether this machine computes bf16 in hardware: a GPU that supports it, or a CPU with
-    AVX512-BF16 or AMX. Elsewhere bf16 is emulated: on an AVX2-only CPU we measured a bf16 matmul
-    at 0.8 GFLOP/s against 66 for fp32 (2 threads)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def worker_device_env(use_gpu: bool) -> dict[str, str]:
+    """The environment a training worker gives itself before DeepSpeed is imported: the device
+    follows what Ray reserved for it (`scaling.use_gpu`), never what the host has
+    (`torch.cuda.is_available()`) nor a `DS_ACCELERATOR` inherited from the driver's shell (the
+    Makefile exports `cpu`). A CPU worker also hides the node's GPUs: Ray sets
+    CUDA_VISIBLE_DEVICES only for workers that reserved GPUs, so one that reserved none would
+    otherwise see, and could use, every GPU of its node."""
+    if use_gpu:
+        return {"DS_ACCELERATOR": "cuda"}
+    return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def apply_worker_device(use_gpu: bool) -> torch.device:
+    """Set `worker_device_env(use_gpu)` in this process (first thing in a training worker, before
+    CUDA is initialised or DeepSpeed imported) and return the device the worker computes on.
+    If DeepSpeed already picked another accelerator in this process, its choice is dropped so the
+    next `get_accelerator()` reads the environment again."""
+    env = worker_device_env(use_gpu)
+    os.environ.update(env)
+    if "deepspeed" in sys.modules:
+        from deepspeed.accelerator import real_accelerator
+
+        chosen = real_accelerator.ds_accelerator
+        if chosen is not None and chosen._name != env["DS_ACCELERATOR"]:
+            real_accelerator.ds_accelerator = None
+    return worker_device(use_gpu)
+
+
+def worker_device(use_gpu: bool) -> torch.device:
+    """The device a training worker computes on: its GPU (the current CUDA device, which Ray
+    Train sets to the one it reserved) when `scaling.use_gpu`, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+
+
+def dist_backend(use_gpu: bool) -> str:
+    """The process-group backend Ray Train creates (and DeepSpeed adopts): NCCL on GPU workers,
+    gloo on CPU workers; from the reservation, like the device."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def native_bf16(gpu: bool | None = None) -> bool:
+    """Whether this machine computes bf16 in hardware: a GPU that supports it natively (Ampere
+    or newer; torch counts emulated bf16 as supported unless `including_emulation=False`), or a
+    CPU with AVX512-BF16 or AMX. Elsewhere bf16 is emulated: on an AVX2-only CPU we measured a
+    bf16 matmul at 0.8 GFLOP/s against 66 for fp32 (2 threads).
+    `gpu`: whether the computation runs on the GPU (a training worker: `scaling.use_gpu`);
+    None: whenever this process sees one."""
+    if torch.cuda.is_available() if gpu is None else gpu:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = torch.cpu
     return any(
         getattr(cpu, f, lambda: False)()
@@ -52,36 +98,100 @@ def native_bf16() -> bool:
     )
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto` -> bf16 where it is native, fp16 on a GPU without bf16, fp32 on any other CPU."""
+def resolve_precision(precision: str, gpu: bool | None = None) -> str:
+    """`auto` -> bf16 where it is native, fp16 on a GPU without bf16, fp32 on any other CPU.
+    `gpu` as in `native_bf16`."""
     if precision != "auto":
         return precision
-    if native_bf16():
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if native_bf16(gpu):
         return "bf16"
-    return "fp16" if torch.cuda.is_available() else "fp32"
+    return "fp16" if gpu else "fp32"
+
+
+def model_width(cfg: TrainConfig) -> int:
+    """The hidden width h of the objective's model, read from its shape section: the DALL-E's
+    residual width, the widest level of a U-Net / autoencoder, the dVAE's last encoder group.
+    0 for CLIP (its width is the open_clip architecture's)."""
+    o = cfg.objective
+    if o == "dalle":
+        return max(cfg.dalle.dim, cfg.dalle.heads * cfg.dalle.head_dim)
+    if o == "ldm":
+        return max(cfg.unet.block_out_channels)
+    if o == "klae":
+        return max(cfg.klae.block_out_channels)
+    if o == "vqgan":
+        return cfg.vqgan.ch * max(cfg.vqgan.ch_mult)
+    if o == "dvae":
+        return cfg.dvae.n_hid * 2 ** (cfg.dvae.group_count - 1)
+    return 0
+
+
+def zero_gpu_buckets(stage: int, width: int) -> dict:
+    """ZeRO bucket sizes for GPU ranks, from the model's hidden width h (empty when h is unknown:
+    DeepSpeed's defaults). The rule:
+
+      reduce_bucket_size                  h^2    (DeepSpeed's "auto" value, as its Hugging Face
+                                                 integration fills it in)
+      allgather_bucket_size (stage 2)     h^2
+      stage3_prefetch_bucket_size         12 h^2 (one transformer layer: qkv + out 4h^2, MLP
+                                                 8h^2): the next layer is gathered while this
+                                                 one computes; less cannot hide its gather
+      stage3_max_live_parameters          max(1e9, 3 layers): DeepSpeed's default, at least
+      stage3_max_reuse_distance           the layer being computed, the prefetched one and one
+                                                 more
+      stage3_param_persistence_threshold  10 h   ("auto": biases and norms stay whole)
+    """
+    if not width:
+        return {}
+    h2 = width * width
+    out: dict = {"reduce_bucket_size": h2}
+    if stage == 2:
+        out["allgather_bucket_size"] = h2
+    if stage == 3:
+        layer = 12 * h2
+        live = max(10**9, 3 * layer)
+        out.update(
+            stage3_prefetch_bucket_size=layer,
+            stage3_max_live_parameters=live,
+            stage3_max_reuse_distance=live,
+            stage3_param_persistence_threshold=10 * width,
+        )
+    return out
 
 
 def build_deepspeed_config(
     cfg: TrainConfig, world_size: int, optimizer: OptimizerSection | None = None
 ) -> dict:
     """DeepSpeed's JSON config from the typed config. LR scheduling is ours (`compute_lr`).
-    `optimizer`: a part's own settings (its gradient clipping); default `cfg.optimizer`."""
+    `optimizer`: a part's own settings (its gradient clipping); default `cfg.optimizer`.
+
+    GPU workers (`scaling.use_gpu`) and CPU workers get different ZeRO settings. GPUs: gradient
+    reduction overlaps backward (`overlap_comm`), buckets are sized from the model's width
+    (`zero_gpu_buckets`), offloaded optimizer state sits in pinned host memory (fast copies).
+    CPUs: the values measured on the project's 2-core machines: no overlap (no copy engine to
+    overlap with; its buffers cost host memory), ZeRO-3 gathers bounded by `sub_group_size` so
+    host memory per rank shrinks with the world size, unpinned offload buffers."""
     e, o = cfg.engine, optimizer or cfg.optimizer
+    gpu = cfg.scaling.use_gpu
     zero: dict = {"stage": e.zero_stage}
     if e.zero_stage >= 2:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
+        zero.update(overlap_comm=gpu, contiguous_gradients=True)
     if e.zero_stage == 3:
-        # Bound what is gathered at once (DeepSpeed's defaults keep up to 1e9 parameters live,
-        # i.e. a whole billion-parameter model), so memory per rank shrinks with the world size.
-        zero.update(
-            sub_group_size=e.sub_group_size,
-            stage3_max_live_parameters=e.sub_group_size,
-            stage3_max_reuse_distance=e.sub_group_size,
-            stage3_prefetch_bucket_size=e.sub_group_size // 10,
-            stage3_gather_16bit_weights_on_model_save=True,
-        )
+        zero.update(sub_group_size=e.sub_group_size, stage3_gather_16bit_weights_on_model_save=True)
+        if not gpu:
+            # Bound what is gathered at once (DeepSpeed's defaults keep up to 1e9 parameters
+            # live, i.e. a whole billion-parameter model), so memory per rank shrinks with the
+            # world size.
+            zero.update(
+                stage3_max_live_parameters=e.sub_group_size,
+                stage3_max_reuse_distance=e.sub_group_size,
+                stage3_prefetch_bucket_size=e.sub_group_size // 10,
+            )
+    if gpu and e.zero_stage >= 2:
+        zero.update(zero_gpu_buckets(e.zero_stage, model_width(cfg)))
     if e.offload_optimizer != "none":
-        offload: dict = {"device": e.offload_optimizer, "pin_memory": False}
+        offload: dict = {"device": e.offload_optimizer, "pin_memory": gpu}
         if e.offload_optimizer == "nvme":
             offload.update(nvme_path=e.nvme_path, buffer_count=4, fast_init=False)
         zero["offload_optimizer"] = offload
@@ -95,7 +205,7 @@ def build_deepspeed_config(
         "steps_per_print": 10**9,  # we log; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
-    precision = resolve_precision(e.precision)
+    precision = resolve_precision(e.precision, gpu)
     if precision == "bf16" and not e.autocast:  # autocast: DeepSpeed sees an fp32 model
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -186,7 +296,7 @@ def initialize(cfg: TrainConfig, build_model: Callable[[], nn.Module], world_siz
 
     ds_config = build_deepspeed_config(cfg, world_size)
     # Adopt the process group Ray Train created (gloo on CPU, nccl on GPU) before zero.Init.
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
     with model_init_context(cfg, ds_config):
         model = build_model()
     if cfg.engine.activation_checkpointing:
@@ -200,7 +310,7 @@ def wrap(
     """`deepspeed.initialize` one built module with its own optimizer."""
     import deepspeed
 
-    sync_scalar_params(model)
+    sync_scalar_params(model, worker_device(cfg.scaling.use_gpu))
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, cfg, optimizer),
@@ -218,7 +328,8 @@ def wrap(
 @contextlib.contextmanager
 def autocast(cfg: TrainConfig, device: torch.device):
     """The forward + loss context of `engine.autocast`: bf16 autocast on `device`, else none."""
-    if cfg.engine.autocast and resolve_precision(cfg.engine.precision) == "bf16":
+    gpu = device.type == "cuda"
+    if cfg.engine.autocast and resolve_precision(cfg.engine.precision, gpu) == "bf16":
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
     else:
@@ -248,7 +359,10 @@ def check_config(cfg: TrainConfig, objective) -> None:
         raise ValueError(
             f"engine.offload_optimizer={e.offload_optimizer} needs engine.zero_stage >= 1 (got 0)"
         )
-    if e.autocast and resolve_precision(e.precision) == "fp16":
+    gpu = cfg.scaling.use_gpu
+    # `auto` for GPU workers cannot be resolved on a driver without a GPU: the workers check it.
+    resolvable = e.precision != "auto" or not gpu or torch.cuda.is_available()
+    if e.autocast and resolvable and resolve_precision(e.precision, gpu) == "fp16":
         raise ValueError(
             "engine.autocast=true runs bf16 only (fp16 autocast needs a loss scaler): set "
             "engine.precision=bf16, or engine.autocast=false for DeepSpeed's fp16 mode"
@@ -274,7 +388,7 @@ def initialize_parts(cfg: TrainConfig, objective, world_size: int) -> dict[str, 
     if len(parts) == 1:
         engine, _ = initialize(cfg, objective.build_model, world_size)
         return {parts[0]: engine}
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
     modules = objective.build_parts()
     if list(modules) != list(parts):
         raise ValueError(
@@ -326,17 +440,15 @@ def set_full_param(param: nn.Parameter, value: torch.Tensor) -> None:
         param.copy_(value.to(param.dtype))
 
 
-def sync_scalar_params(model: nn.Module) -> None:
+def sync_scalar_params(model: nn.Module, device: torch.device) -> None:
     """DeepSpeed 0.19 broadcasts parameters as byte views, which fails for 0-dim tensors (CLIP's
-    `logit_scale`). Broadcast those from rank 0 here and flag them so DeepSpeed skips them."""
-    import torch.distributed as dist
-
+    `logit_scale`). Broadcast those from rank 0 here and flag them so DeepSpeed skips them.
+    This runs before DeepSpeed moves the model to `device` (the worker's GPU or the CPU): the
+    value travels on `device` (NCCL takes CUDA tensors only), through `tdist.dist_broadcast`."""
     for p in model.parameters():
         if p.dim() == 0 and not hasattr(p, "ds_id"):  # ZeRO-3 partitioned params are not ours
-            buf = p.data.reshape(1).clone()
-            if dist.is_initialized():
-                dist.broadcast(buf, src=0)
-            p.data.copy_(buf.reshape(()))
+            value = tdist.dist_broadcast(p.data, device, src=0)
+            p.data.copy_(value.reshape(()).to(p.device, p.dtype))
             p.ds_optim_param = True  # DeepSpeed's own marker for "do not broadcast"
 
 

@@ -6,13 +6,14 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
 
 from data_pipeline import fs
 from trainer.config import ScalingSection, TrainConfig
-from trainer.engine import check_config
+from trainer.engine import check_config, worker_device_env
 from trainer.faults import check_faults
 from trainer.loop import train_loop_per_worker
 from trainer.objectives import build_objective
@@ -41,13 +42,32 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
     )
 
 
+# Objectives whose training data path decodes images on the CPU (the others read tokens/latents).
+IMAGE_OBJECTIVES = ("clip", "dvae", "vqgan", "klae")
+
+
+def default_data_cpus(s: ScalingSection, objective: str) -> float:
+    """`scaling.data_cpus` when unset: CPUs for the Ray Data tasks, scaled with the workers.
+    Per worker: 2 for an image objective on GPU workers (decoding and resizing images on the CPU
+    for a GPU's step rate), 0.5 for token/latent objectives (Parquet reads and collation); CPU
+    workers step about 50x slower and get a quarter of that. At least 1: 2 CPU workers keep the
+    single data CPU they always had, 16 GPU workers get 32 (images) or 8 (tokens)."""
+    per_worker = 2.0 if objective in IMAGE_OBJECTIVES else 0.5
+    if not s.use_gpu:
+        per_worker /= 4
+    return float(max(1, math.ceil(per_worker * s.num_workers)))
+
+
 def data_cpus(cfg: TrainConfig, objective) -> float:
-    """CPUs reserved for the run's Ray Data tasks: `scaling.data_cpus`, at least what the
-    objective's data path holds at once (`data_cpus_min`, e.g. a reader + a tokenizer actor);
-    0 turns the reservation off."""
-    if cfg.scaling.data_cpus <= 0:
+    """CPUs reserved for the run's Ray Data tasks: `scaling.data_cpus` (unset:
+    `default_data_cpus`), at least what the objective's data path holds at once
+    (`data_cpus_min`, e.g. a reader + a tokenizer actor); 0 turns the reservation off."""
+    cpus = cfg.scaling.data_cpus
+    if cpus is None:
+        cpus = default_data_cpus(cfg.scaling, cfg.objective)
+    if cpus <= 0:
         return 0.0
-    return max(cfg.scaling.data_cpus, float(getattr(objective, "data_cpus_min", 1.0)))
+    return max(cpus, float(getattr(objective, "data_cpus_min", 1.0)))
 
 
 @contextlib.contextmanager
@@ -140,6 +160,7 @@ def build_trainer(cfg: TrainConfig, data_strategy=None):
             storage_path=storage.path,
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure_max_retries),
+            worker_runtime_env=worker_runtime_env(cfg),
         ),
         datasets={"train": dataset},
         # Deterministic split: each rank sees the same batches in every attempt (exact resume).
@@ -148,9 +169,18 @@ def build_trainer(cfg: TrainConfig, data_strategy=None):
 
 
 def worker_env() -> dict[str, str]:
-    """Environment the workers need, forwarded through the runtime env (never credentials)."""
-    keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    """Environment the workers need, forwarded through the runtime env (never credentials).
+    Never `DS_ACCELERATOR`: each training worker's accelerator follows its own reservation
+    (`worker_runtime_env`), not the driver's shell (the Makefile exports `cpu`)."""
+    keys = ("TORCH_EXTENSIONS_DIR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def worker_runtime_env(cfg: TrainConfig) -> dict:
+    """The runtime env of the training workers: `DS_ACCELERATOR` from `scaling.use_gpu`, and no
+    visible GPU for CPU workers (`worker_device_env`), set when each worker process starts, before
+    Ray Train's own setup first asks CUDA for devices."""
+    return {"env_vars": worker_device_env(cfg.scaling.use_gpu)}
 
 
 class CapacityError(RuntimeError):
@@ -161,7 +191,9 @@ def capacity_need(s: ScalingSection, data_cpus: float | None = None) -> dict[str
     """What the run occupies at once: every worker's reservation, plus the CPUs reserved for its
     Ray Data tasks (`data_cpus`, default `s.data_cpus`; without those, the workers wait for
     batches that never come)."""
-    data = s.data_cpus if data_cpus is None else data_cpus
+    data = data_cpus
+    if data is None:
+        data = s.data_cpus if s.data_cpus is not None else default_data_cpus(s, "")
     need = {"CPU": s.num_workers * s.cpus_per_worker + data}
     if s.use_gpu:
         need["GPU"] = float(s.num_workers)
@@ -192,7 +224,7 @@ class CapacityWatch(threading.Thread):
     def __init__(self, s: ScalingSection, poll_s: float = 1.0, data_cpus: float | None = None):
         super().__init__(name="t2i-capacity-watch", daemon=True)
         self.s, self.need, self.poll_s = s, capacity_need(s, data_cpus), poll_s
-        self.data_cpus = s.data_cpus if data_cpus is None else data_cpus
+        self.data_cpus = self.need["CPU"] - s.num_workers * s.cpus_per_worker
         self.stopped = threading.Event()
         self.failure: str | None = None
 

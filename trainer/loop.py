@@ -25,7 +25,7 @@ from trainer import checkpoint as ckpt_io
 from trainer.callbacks import NonFiniteGuard
 from trainer.config import TrainConfig
 from trainer.engine import (
-    DTYPES,
+    apply_worker_device,
     autocast,
     engine_device,
     initialize_parts,
@@ -37,7 +37,7 @@ from trainer.engine import (
     trains_only,
 )
 from trainer.faults import FaultInjector
-from trainer.metrics import MetricsLogger, current_rss_gib, measure_peak_flops
+from trainer.metrics import MetricsLogger, current_rss_gib, peak_flops
 from trainer.objectives import build_objective
 from trainer.schedules import compute_lr
 
@@ -48,6 +48,8 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import CheckpointUploadMode
 
     cfg = from_dict(TrainConfig, config["cfg"], source="train_loop_per_worker")
+    # The device follows Ray's reservation; set before CUDA initialises or DeepSpeed is imported.
+    device = apply_worker_device(cfg.scaling.use_gpu)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Where each rank runs (tests and operators check the placement strategy from these lines).
@@ -74,18 +76,19 @@ def train_loop_per_worker(config: dict) -> None:
     state = ckpt_io.resume(engines, run, rank, callbacks)
 
     shard = ray.train.get_dataset_shard("train")
-    precision = resolve_precision(cfg.engine.precision)
+    gpu = device.type == "cuda"
+    precision = resolve_precision(cfg.engine.precision, gpu)
     if rank == 0:
         print(f"[t2i] precision {precision} (engine.precision={cfg.engine.precision})", flush=True)
-        if precision == "bf16" and not native_bf16():
+        if precision == "bf16" and not native_bf16(gpu):
             print(
                 "[t2i] warning: engine.precision=bf16 on hardware without native bf16 (no "
                 "AVX512-BF16/AMX on this CPU): it is emulated, 10-80x slower than fp32; "
                 "use engine.precision=auto",
                 flush=True,
             )
-    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(DTYPES[precision])
-    logger = MetricsLogger(cfg, rank, world, objective, peak)
+    peak = cfg.peak_tflops * 1e12 or peak_flops(device, precision)
+    logger = MetricsLogger(cfg, rank, world, objective, peak, device=engine_device(engines))
     logger.rss_before_init = rss_before_init
     guard = NonFiniteGuard(cfg.engine.max_bad_steps, engine_device(engines))
     micro_in_step = 0
@@ -129,7 +132,7 @@ def train_loop_per_worker(config: dict) -> None:
             # DeepSpeed found non-finite gradients (bf16/fp16) in some part: not a step.
             if not guard.step_applied(engines, active):
                 state.skipped_steps += 1
-                logger.skipped(state, "non-finite gradients")
+                logger.skipped(state, guard.skip_reason)
                 continue
             guard.step_done()
             state.step += 1
@@ -235,13 +238,17 @@ def log_images(objective, engines: dict, batch, logger: MetricsLogger, step: int
     for engine in engines.values():
         engine.eval()
     try:
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        device = engine_device(engines)  # a CPU rank forks the CPU generator only
+        devices = [device.index or 0] if device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             images = hook(objective_engines(engines), batch)
     finally:
         for engine in engines.values():
             engine.train()
     logger.images(images, step)
+
+
+PREFETCH_BATCHES = 2  # batches Ray Data prepares ahead of the one training (Ray's default: 1)
 
 
 def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
@@ -253,6 +260,10 @@ def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
         drop_last=True,  # every rank takes the same number of steps
         local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
         local_shuffle_seed=seed if cfg.data.local_shuffle_buffer else None,
+        # Two batches in flight while one trains; a GPU rank's batches are collated into pinned
+        # host memory, so the copy to the GPU is a fast DMA (Ray 2.60 `pin_memory`, alpha).
+        prefetch_batches=PREFETCH_BATCHES,
+        pin_memory=cfg.scaling.use_gpu,
     )
     for i, batch in enumerate(it):
         if i >= skip:

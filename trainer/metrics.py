@@ -29,26 +29,100 @@ from data_pipeline import fs
 from data_pipeline.ray_metrics import TRAIN, TRAIN_KEYS, TRAIN_TAGS, MetricSet
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
-from trainer.engine import engine_state_bytes
+from trainer.engine import DTYPES, engine_state_bytes
 
 MONITOR_DIRS = ("tensorboard", "images")  # what rank 0 writes under the run directory
 LOSS_CURVE = "loss_curve.png"
 
 
 def measure_peak_flops(
-    dtype: torch.dtype = torch.bfloat16, n: int = 1024, seconds: float = 0.3
+    dtype: torch.dtype = torch.bfloat16,
+    n: int = 1024,
+    seconds: float = 0.3,
+    device: torch.device | str = "cpu",
 ) -> float:
-    """A matmul rate in the training dtype on this process's threads: the denominator of MFU
-    on CPU."""
+    """A matmul rate in the training dtype on `device` (on the CPU: this process's threads): the
+    denominator of MFU where no datasheet peak is known (`peak_flops`)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     g = torch.Generator().manual_seed(0)  # never the global stream: resume must stay bit-exact
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
     a @ b  # warm-up
+    sync()
     iters, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
         a @ b
         iters += 1
+        if cuda and iters % 8:
+            continue  # a GPU queues the matmuls: time whole batches of 8
+        sync()
+    sync()
+    elapsed = time.perf_counter() - t0
     return 2 * n**3 * iters / elapsed
+
+
+# Dense tensor-core peaks in TFLOP/s from NVIDIA's datasheets (their headline figures with
+# sparsity halved), by the precision the matmuls run in. Matched against the device name that
+# torch reports (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"), first match wins.
+# A10G (AWS g5): NVIDIA publishes no datasheet; these are the A10's figures.
+GPU_PEAK_TFLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
+    (("H100", "NVL"), {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (("H100", "PCIE"), {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    (("H100",), {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    (("H200", "NVL"), {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (("H200",), {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    (("A100",), {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),  # SXM and PCIe
+    (("A10G",), {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    (("L4",), {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+)
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> float:
+    """The datasheet peak (FLOP/s) of the GPU named `device_name` for matmuls in `precision`
+    ("bf16", "fp16", "tf32", "fp32"); 0.0 for a GPU not in `GPU_PEAK_TFLOPS`."""
+    words = device_name.upper().replace("-", " ").split()
+    for keys, peaks in GPU_PEAK_TFLOPS:
+        if all(k in words for k in keys):  # whole words: "L4" is not "L40S"
+            return peaks[precision] * 1e12
+    return 0.0
+
+
+def matmul_precision(precision: str) -> str:
+    """What an fp32 run's matmuls run in on a GPU: TF32 tensor cores unless torch is told to
+    keep full fp32 (`torch.set_float32_matmul_precision("highest")`)."""
+    if precision == "fp32" and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return precision
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of one worker in the run's `precision` (bf16/fp16/fp32), the MFU denominator:
+    a GPU's datasheet figure (`gpu_peak_flops`), else a matmul probe on `device` itself (never a
+    CPU probe for a GPU run: it would read MFU > 1)."""
+    if device.type == "cuda":
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device), matmul_precision(precision))
+        if peak:
+            return peak
+        return measure_peak_flops(DTYPES[precision], n=4096, seconds=0.5, device=device)
+    return measure_peak_flops(DTYPES[precision])
+
+
+def gpu_memory_gib(device: torch.device) -> dict[str, float]:
+    """The CUDA caching allocator's view of `device`: memory held by tensors now, reserved by
+    the allocator now, and the peak held by tensors since the run (re)started; {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "gpu_mem_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+        "gpu_mem_reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+        "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+    }
 
 
 def current_rss_gib() -> float:
@@ -81,10 +155,21 @@ class MetricsLogger:
     """Collects per-step values; every `log_every` steps returns their averages (the loop reports
     them to Ray on every rank; rank 0's are what Ray shows) and rank 0 writes TensorBoard events."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, objective, peak_flops: float):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rank: int,
+        world: int,
+        objective,
+        peak_flops: float,
+        device: torch.device | str = "cpu",
+    ):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.objective, self.peak_flops = objective, peak_flops
-        self.sums: dict[str, float] = {}
+        self.device = torch.device(device)  # the engine's: metrics accumulate there
+        # Running sums since the last log step: tensors stay on the device where the loss was
+        # computed (no host sync per micro-step); read once, together, at the log step.
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.micro = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
@@ -113,11 +198,26 @@ class MetricsLogger:
         return os.path.join(self.root, "tensorboard")
 
     def accumulate(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch) -> None:
+        """Add one micro-batch's loss and metrics to the interval's sums, where they are: a tensor
+        is added on its device without reading it (a GPU run would otherwise wait for the GPU at
+        every metric of every micro-step); Python numbers stay numbers."""
         self.micro += 1
-        self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss.detach())
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        for k, v in (("loss", loss), *metrics.items()):
+            v = v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = v if k not in self.sums else self.sums[k] + v
         self.tokens += self.objective.tokens_in_batch(batch)
+
+    def read_sums(self) -> dict[str, float]:
+        """The interval's sums as Python floats: one device-to-host copy per device."""
+        out = {k: v for k, v in self.sums.items() if not isinstance(v, torch.Tensor)}
+        by_device: dict[torch.device, list[str]] = {}
+        for k, v in self.sums.items():
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append(k)
+        for keys in by_device.values():
+            values = torch.stack([self.sums[k] for k in keys]).tolist()
+            out.update(zip(keys, values, strict=True))
+        return {k: out[k] for k in self.sums}
 
     def skipped(self, state: TrainState, why: str) -> None:
         if self.rank == 0:
@@ -139,7 +239,7 @@ class MetricsLogger:
         # Training time only: checkpoint seconds in the interval are measured apart.
         elapsed = max(time.perf_counter() - self.t0 - self.paused, 1e-9)
         tok_s = self.tokens / elapsed  # this worker
-        out = {k: v / max(self.micro, 1) for k, v in self.sums.items()}
+        out = {k: v / max(self.micro, 1) for k, v in self.read_sums().items()}
         (_, engine), *others = engines.items()
         out.update(
             step=state.step,
@@ -155,6 +255,7 @@ class MetricsLogger:
             model_state_rss_gib=self.model_state_rss_gib,
             peak_rss_gib=peak_rss_gib(),
             peak_rss_gib_total=all_ranks_sum(peak_rss_gib()),
+            **gpu_memory_gib(self.device),  # beside RSS, on GPU ranks
         )
         if self.checkpoint_s == self.checkpoint_s:  # one was saved since the run (re)started
             out["checkpoint_s"] = self.checkpoint_s
