@@ -241,6 +241,13 @@ class LdmSection:
     autoencoder: str = ""  # the dataset's KL-AE (run dir or export), for logged sample grids
     sample_steps: int = 20  # DDIM steps of the logged sample grids
     sample_guidance: float = 3.0  # classifier-free guidance scale of the logged grids
+    # Start from released weights: a diffusers pipeline folder or its `unet/` (local or s3://).
+    # The U-Net's shape is then its config.json (the `unet:` section is not used), its weights
+    # load strictly; an export copies the folder's text_encoder/, tokenizer/ and vae/ beside ours.
+    init_from: str = ""
+    # Give the U-Net the text mask. Stable Diffusion never does (it attends to the tokenizer's
+    # padding too): false trains and samples with SD's own conditioning.
+    text_mask: bool = True
 
 
 @dataclass

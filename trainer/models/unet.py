@@ -147,13 +147,17 @@ class Unet(torch.nn.Module):
     The wrapper exists for one reason: a forward that takes the text mask as a boolean tensor and
     returns a plain tensor (DeepSpeed engines and activation checkpointing want tensors out)."""
 
-    def __init__(self, cfg: UnetConfig):
+    def __init__(self, cfg: UnetConfig, unet_config: dict | None = None):
+        """`unet_config`: the constructor arguments of a released U-Net (its `config.json`
+        without diffusers' `_` keys); `cfg` then only names its latent and text shapes."""
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        cfg.check()
+        if unet_config is None:
+            cfg.check()
+            unet_config = diffusers_config(cfg)
         self.cfg = cfg
-        self.unet = UNet2DConditionModel(**diffusers_config(cfg))
+        self.unet = UNet2DConditionModel(**unet_config)
 
     def forward(
         self,
@@ -170,13 +174,24 @@ class Unet(torch.nn.Module):
         self.unet.enable_gradient_checkpointing()
 
 
-def count_forward_flops(cfg: UnetConfig, text_len: int) -> float:
+def shape_of(unet_config: dict, base: UnetConfig | None = None) -> UnetConfig:
+    """The latent and text shape of a released U-Net's config, as a UnetConfig (`base`'s other
+    fields; they do not describe the released model, whose config builds it)."""
+    return replace(
+        base or UnetConfig(),
+        sample_size=int(unet_config.get("sample_size") or 64),
+        in_channels=int(unet_config.get("in_channels", 4)),
+        cross_attention_dim=int(unet_config.get("cross_attention_dim", 768)),
+    )
+
+
+def count_forward_flops(cfg: UnetConfig, text_len: int, unet_config: dict | None = None) -> float:
     """Forward FLOPs for one latent with `text_len` text states, counted by torch on a
     meta-device copy (no memory, no compute; safe under ZeRO-3 partitioning)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = Unet(cfg)
+        model = Unet(cfg, unet_config)
         z = torch.empty(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         text = torch.empty(1, text_len, cfg.cross_attention_dim)
         with FlopCounterMode(display=False) as counter:

@@ -13,6 +13,12 @@ what the uninterrupted one would have, on any device.
 
 The EMA of the weights (`trainer/ema.py`) is a loop callback: each rank averages its own shard;
 `model.safetensors` and the diffusers export hold the EMA weights.
+
+Fine-tuning released weights (`ldm.init_from`: a Stable Diffusion pipeline folder or its `unet/`):
+the U-Net is built from its config.json and its weights load strictly as the engine builds it
+(ZeRO-3: per module, gathered on rank 0; `trainer/init_weights.py`); the dataset's latent channels
+and text width must equal the U-Net's. `ldm.text_mask: false` conditions as SD does (no mask over
+the tokenizer's padding). The export is then a complete pipeline folder (`write_export`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from trainer.diffusion import (
     compute_target,
 )
 from trainer.ema import ShardedEma
-from trainer.models.unet import Unet, count_forward_flops, diffusers_config
+from trainer.models.unet import Unet, count_forward_flops, diffusers_config, shape_of
+from trainer.pretrained.diffusers_sd import released_unet
 from trainer.recon import image_grid
 from trainer.safe_files import save_safetensors
 from trainer.sampling.ldm import build_scheduler, sample_latents
@@ -48,7 +55,12 @@ class LdmObjective:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.u, self.l = cfg, cfg.unet, cfg.ldm
-        cfg.unet.check()  # on the driver too (it builds the objective): fail before Ray Train
+        self.init = None  # ldm.init_from: the released U-Net (config, weights file, folder)
+        if cfg.ldm.init_from:  # on the driver too: a broken folder fails before Ray Train
+            self.init = released_unet(cfg.ldm.init_from, cfg.storage)
+            self.u = shape_of(self.init.config, cfg.unet)
+        else:
+            cfg.unet.check()  # on the driver too (it builds the objective): fail before Ray Train
         self.ema = ShardedEma(cfg.ldm.ema_decay)
         self.callbacks = (self.ema,)
         self.alphas_cumprod = cfg.ldm.schedule.alphas_cumprod()  # (T,) float32
@@ -73,13 +85,20 @@ class LdmObjective:
                 raise ValueError("objective=ldm: data.path must name a latent dataset")
             base = fs.resolve(d.path, storage=self.cfg.storage)
             manifest = T.read_latent_manifest(base)
-            T.check_latent_compatible(
-                manifest,
-                latent_shape=self.u.latent_shape,
-                text_width=self.u.cross_attention_dim,
-                scaling_factor=self.l.scaling_factor,
-                source=d.path,
-            )
+            try:
+                T.check_latent_compatible(
+                    manifest,
+                    latent_shape=self.u.latent_shape,
+                    text_width=self.u.cross_attention_dim,
+                    scaling_factor=self.l.scaling_factor,
+                    source=d.path,
+                )
+            except ValueError as e:
+                if self.init is None:
+                    raise
+                raise ValueError(
+                    f"{e} (the U-Net of ldm.init_from: {self.init.config_path})"
+                ) from None
             self._manifest = manifest
         return self._manifest
 
@@ -109,7 +128,13 @@ class LdmObjective:
 
     # -- model and loss -----------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
-        return Unet(self.u)  # (under ZeRO-3's zero.Init: partitioned as it is built)
+        if self.init is None:
+            return Unet(self.u)  # (under ZeRO-3's zero.Init: partitioned as it is built)
+        from trainer.init_weights import load_into
+
+        model = Unet(self.u, self.init.unet_config)
+        load_into(model, self.init.weights, prefix="unet.")  # ZeRO-3: per module, rank 0
+        return model
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         z0 = batch[T.LATENT].float()  # (B, C, h, w), already scaled
@@ -122,6 +147,7 @@ class LdmObjective:
         uncond = self.empty_caption(device)
         text = torch.where(drop[:, None, None], uncond[T.TEXT_EMBEDDING].expand_as(text), text)
         mask = torch.where(drop[:, None], uncond[T.TEXT_MASK].expand_as(mask), mask)
+        mask = mask if self.l.text_mask else None  # SD's conditioning: no mask
         z_t = compute_noisy(z0, eps, t, self.alphas_cumprod)
         target = compute_target(self.l.prediction_type, z0, eps, t, self.alphas_cumprod)
         dtype = next(engine.module.parameters()).dtype
@@ -144,7 +170,9 @@ class LdmObjective:
             text_len = SYNTHETIC_TEXT_LEN
             if self.cfg.data.source == "tokens":
                 text_len = self.manifest()["text_embedding_shape"][0]
-            self._fwd_flops = count_forward_flops(self.u, text_len)
+            self._fwd_flops = count_forward_flops(
+                self.u, text_len, None if self.init is None else self.init.unet_config
+            )
         return 3.0 * self._fwd_flops
 
     # -- logged sample grids ------------------------------------------------------------------
@@ -181,7 +209,7 @@ class LdmObjective:
             engine.module,
             build_scheduler("ddim", self.l.schedule.scheduler_config(self.l.prediction_type)),
             text,
-            batch[T.TEXT_MASK][:n].bool(),
+            batch[T.TEXT_MASK][:n].bool() if self.l.text_mask else None,
             uncond[T.TEXT_EMBEDDING],
             uncond[T.TEXT_MASK],
             latent_shape=tuple(self.u.latent_shape),
@@ -195,14 +223,27 @@ class LdmObjective:
 
     # -- export -------------------------------------------------------------------------------
     def export_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
-        """The EMA weights, gathered on rank 0 (a collective: every rank calls it)."""
+        """The EMA weights, gathered on rank 0 (a collective: every rank calls it); the raw
+        weights too (kept for `write_export`'s `unet/` non-EMA file)."""
+        from trainer.engine import export_module_state
+
+        self._raw = export_module_state(engine)
         return self.ema.export()
 
     def write_export(self, local: str, weights: dict[str, torch.Tensor]) -> None:
         """Rank 0, beside model.safetensors: diffusers folders `unet/` (EMA weights) and
         `scheduler/`, `vae/` when the KL-AE is known, the empty-caption states, and
-        `t2i_ldm.json` (text encoder path + fingerprint, latent scale and shapes)."""
-        write_diffusers_unet(os.path.join(local, "unet"), self.u, weights)
+        `t2i_ldm.json` (text encoder path + fingerprint, latent scale and shapes). The raw
+        weights sit beside the EMA ones in `unet/` as in Stable Diffusion's releases
+        (`diffusion_pytorch_model.non_ema.safetensors`). With a pipeline folder to take the text
+        encoder from (`ldm.init_from`, or the dataset's `pretrained:`), the export is a complete
+        pipeline folder (`model_index.json`, `text_encoder/`, `tokenizer/`, `vae/`)."""
+        unet_cfg = None if self.init is None else self.init.config
+        write_diffusers_unet(os.path.join(local, "unet"), self.u, weights, unet_cfg)
+        raw = getattr(self, "_raw", None)
+        if raw is not None:
+            write_diffusers_unet(os.path.join(local, "unet"), self.u, raw, unet_cfg,
+                                 name=NON_EMA_WEIGHTS)  # fmt: skip
         sched = build_scheduler("ddim", self.l.schedule.scheduler_config(self.l.prediction_type))
         sched.save_config(os.path.join(local, "scheduler"))
         info = {"latent_shape": self.u.latent_shape, "prediction_type": self.l.prediction_type}
@@ -225,21 +266,74 @@ class LdmObjective:
                                           uncond[T.TEXT_MASK].numpy()))  # fmt: skip
         with open(os.path.join(local, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
+        self._write_pipeline(local)
+
+    def _pipeline_source(self) -> str:
+        """A local pipeline folder holding the text encoder the model was trained with."""
+        if self.init is not None and self.init.is_pipeline:
+            return self.init.root
+        if self.cfg.data.source == "tokens" and self.manifest().get("pretrained"):
+            from trainer.pretrained.diffusers_sd import local_copy
+
+            return local_copy(self.manifest()["pretrained"], self.cfg.storage).path
+        return ""
+
+    def _write_pipeline(self, local: str) -> None:
+        """`text_encoder/`, `tokenizer/` (and `vae/` if none was written) copied from the source
+        pipeline, then `model_index.json` (last: the folder is then a pipeline)."""
+        import shutil
+
+        import diffusers
+
+        from trainer.pretrained.diffusers_sd import MODEL_INDEX, TEXT_ENCODER, TOKENIZER, VAE
+
+        src = self._pipeline_source()
+        if not src:
+            return
+        for part in (TEXT_ENCODER, TOKENIZER, VAE):
+            if not os.path.isdir(os.path.join(local, part)):
+                shutil.copytree(os.path.join(src, part), os.path.join(local, part))
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        with open(os.path.join(local, MODEL_INDEX), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
 
 
-def write_diffusers_unet(folder: str, cfg, weights: dict[str, torch.Tensor]) -> None:
-    """`UNet2DConditionModel.from_pretrained(folder)` layout: config.json + safetensors."""
+NON_EMA_WEIGHTS = "diffusion_pytorch_model.non_ema.safetensors"  # SD releases' raw weights
+
+
+def write_diffusers_unet(
+    folder: str,
+    cfg,
+    weights: dict[str, torch.Tensor],
+    unet_config: dict | None = None,
+    *,
+    name: str = "diffusion_pytorch_model.safetensors",
+) -> None:
+    """`UNet2DConditionModel.from_pretrained(folder)` layout: config.json + safetensors
+    (`unet_config`: a released U-Net's config.json, else the one of `cfg`)."""
     import diffusers
 
     os.makedirs(folder, exist_ok=True)
     config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__}
+    shape = diffusers_config(cfg) if unet_config is None else unet_config
     config.update({k: list(v) if isinstance(v, tuple) else v
-                   for k, v in diffusers_config(cfg).items()})  # fmt: skip
+                   for k, v in shape.items() if not k.startswith("_")})  # fmt: skip
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     prefix = "unet."
     state = {k[len(prefix) :]: v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
-    save_safetensors(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    save_safetensors(state, os.path.join(folder, name))
 
 
 def write_diffusers_vae(folder: str, tok) -> None:

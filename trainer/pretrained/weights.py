@@ -51,3 +51,54 @@ def find_weights(folder: fs.Location, *, what: str) -> fs.Location:
         f"{folder.join(DIFFUSERS_WEIGHT_NAMES[0]).uri}: missing ({what} weights: expected "
         f"{' or '.join(DIFFUSERS_WEIGHT_NAMES)})"
     )
+
+
+class LazyTensors:
+    """name -> tensor of a weights file, read on access."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            self._st = safe_open(path, framework="pt", device="cpu")
+            self._names = list(self._st.keys())
+            self._shapes = {n: tuple(self._st.get_slice(n).get_shape()) for n in self._names}
+        else:  # .bin: mmap, weights only (a pickle naming code is refused)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # not a zip-format file (mmap needs one): read it whole
+                with open(path, "rb") as f:
+                    sd = load_weights(f.read(), path)
+            self._st, self._sd = None, sd
+            self._names = list(sd)
+            self._shapes = {n: tuple(v.shape) for n, v in sd.items()}
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._st.get_tensor(name) if self._st is not None else self._sd[name]
+
+
+def check_names(expected: dict[str, tuple[int, ...]], tensors: LazyTensors, prefix: str) -> None:
+    """ValueError naming the file and the first missing/unexpected name or wrong shape."""
+    want = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
+    have = set(tensors.names())
+    missing = [k for k in want if k not in have]
+    unexpected = sorted(have - set(want))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
+        if unexpected:
+            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise ValueError(f"{tensors.path}: weights do not match the model: {'; '.join(parts)}")
+    for k, shape in want.items():
+        if tensors.shape(k) != shape:
+            raise ValueError(
+                f"{tensors.path}: {k!r} has shape {tensors.shape(k)}, the model expects {shape}"
+            )

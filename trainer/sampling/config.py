@@ -58,8 +58,10 @@ class SampleConfig:
     recipe: Literal["ar", "ldm"] = "ar"
     model: str = REQUIRED  # `t2i train` run dir (newest exported checkpoint) or checkpoint dir
     # Its token (ar) or latent (ldm) dataset: the text tokenizer for the prompts comes from it.
-    tokens: str = REQUIRED
-    image_tokenizer: str = REQUIRED  # decodes codes / latents to pixels (run, ckpt or convert dir)
+    # recipe=ldm with a diffusers pipeline folder as `model` (model_index.json: an export of
+    # ours or a released one): not used, the folder brings tokenizer, text encoder and VAE.
+    tokens: str = ""
+    image_tokenizer: str = ""  # decodes codes / latents to pixels (run, ckpt or convert dir)
     # recipe=ldm: the open_clip text encoder's checkpoint; "": the one the dataset manifest
     # records. Either way its sha256 must match the manifest's.
     text_encoder: str = ""
@@ -77,6 +79,9 @@ class SampleConfig:
 
 def check_config(cfg: SampleConfig) -> None:
     """Raise ValueError naming the first inconsistent sampling value."""
+    for key in ("tokens", "image_tokenizer"):
+        if cfg.recipe == "ar" and not getattr(cfg, key):
+            raise ValueError(f"missing required value '{key}' (recipe=ar)")
     s = cfg.sample
     if s.candidates < 1 or not 1 <= s.keep <= s.candidates:
         raise ValueError(

@@ -14,11 +14,16 @@ depends on its own seed only, not on its batch — and gives the same latents on
 
 `LdmGenerator` is the recipe behind `t2i sample recipe=ldm`: prompts are tokenized and encoded by
 the text encoder the latent dataset was built with (path + sha256 checked against its manifest),
-the U-Net is the run's exported EMA weights, the dataset's KL-AE decodes.
+the U-Net is the run's exported EMA weights, the dataset's KL-AE decodes. With a diffusers pipeline
+folder as `model` (model_index.json: our export, or a released Stable Diffusion), everything comes
+from the folder and runs as `StableDiffusionPipeline` runs it: its tokenizer and text encoder (no
+mask), `unet/`, `vae/`, and `scheduler/`'s training schedule with `sample.scheduler`'s sampler.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from typing import Literal
 
@@ -59,9 +64,9 @@ def sample_latents(
     predict: Callable[..., torch.Tensor],
     scheduler,
     text: torch.Tensor,  # (B, L, D) conditional text states
-    text_mask: torch.Tensor,  # (B, L) bool
+    text_mask: torch.Tensor | None,  # (B, L) bool; None: no mask (SD's conditioning)
     uncond: torch.Tensor,  # (L, D) empty-caption states
-    uncond_mask: torch.Tensor,  # (L,) bool
+    uncond_mask: torch.Tensor | None,  # (L,) bool
     *,
     latent_shape: tuple[int, int, int],  # (C, h, w)
     steps: int,
@@ -82,7 +87,8 @@ def sample_latents(
     guided = guidance != 1.0
     if guided:  # one batch: conditional rows, then unconditional rows
         text = torch.cat([text, uncond.to(text).expand(b, -1, -1)])
-        text_mask = torch.cat([text_mask, uncond_mask.to(text_mask).expand(b, -1)])
+        if text_mask is not None:
+            text_mask = torch.cat([text_mask, uncond_mask.to(text_mask).expand(b, -1)])
     step_kwargs = {"eta": eta} if "eta" in _step_params(scheduler) else {}
     for t in scheduler.timesteps:
         model_in = torch.cat([z, z]) if guided else z
@@ -121,6 +127,11 @@ def load_ldm(path: str, storage: StorageConfig, device: str = "cpu"):
     return model.to(device).eval(), train_cfg, uncond
 
 
+def is_pipeline(path: str, storage: StorageConfig) -> bool:
+    """Whether `path` is a diffusers pipeline folder (holds model_index.json)."""
+    return fs.exists(fs.resolve(path, storage=storage).join("model_index.json"))
+
+
 def text_encoder_checkpoint(cfg: SampleConfig, manifest: dict) -> str:
     """The text encoder's local checkpoint: `cfg.text_encoder` or the manifest's, with the
     manifest's sha256 (a different encoder's states mean nothing to the U-Net)."""
@@ -134,13 +145,14 @@ def text_encoder_checkpoint(cfg: SampleConfig, manifest: dict) -> str:
                 f"(sha256 {want[:12]}...) that its manifest does not locate; set text_encoder="
             )
         return ""  # random-weights encoder (tests): the manifest recorded none either
-    got = fs.file_digest(path)[1]
+    local = fs.fetch_checkpoint(path, storage=cfg.storage, what="text_encoder")  # s3://: cached
+    got = local.sha256
     if got != want:
         raise ValueError(
             f"text_encoder {path}: sha256 {got[:12]}... but the dataset {cfg.tokens} was encoded "
             f"with {recorded.get('checkpoint') or 'another checkpoint'} (sha256 {want[:12]}...)"
         )
-    return path
+    return local.path
 
 
 class LdmGenerator:
@@ -157,6 +169,14 @@ class LdmGenerator:
         self.cfg, self.device = cfg, device
         s = cfg.sample
         self.units_per_candidate = s.steps
+        if is_pipeline(cfg.model, cfg.storage):
+            self._init_pipeline(prompts, log)
+            return
+        if not cfg.tokens or not cfg.image_tokenizer:
+            raise ValueError(
+                f"recipe=ldm: model {cfg.model} is a `t2i train` run, which needs tokens= (its "
+                f"latent dataset) and image_tokenizer= (a pipeline folder needs neither)"
+            )
         model, train_cfg, uncond = load_ldm(cfg.model, cfg.storage, device)
         self.dtype = DTYPES[resolve_precision(cfg.precision)]
         self.model, self.train_cfg = model.to(self.dtype), train_cfg
@@ -182,13 +202,67 @@ class LdmGenerator:
         ids = text_tok.encode(prompts)
         enc = manifest["text_encoder"]
         spec = TextEncoderSpec(enc["model"], enc.get("model_config"),
-                               text_encoder_checkpoint(cfg, manifest), 64, torch.get_num_threads())
+                               text_encoder_checkpoint(cfg, manifest), 64, torch.get_num_threads(),
+                               pretrained=enc.get("pretrained", ""))  # fmt: skip
         length, width = manifest["text_embedding_shape"]
         states = EmbedText(spec).encode(ids).astype(np.float32).reshape(-1, length, width)
         self.text = torch.from_numpy(states).to(device)  # (P, L, D), fp16-rounded as in training
         self.mask = torch.from_numpy(ids != text_tok.pad_id).to(device)  # (P, L)
+        if not train_cfg.ldm.text_mask:
+            self.mask = None  # trained with SD's conditioning: no mask
         self.uncond = {k: torch.from_numpy(v).to(device) for k, v in uncond.items()}
         self.sched_config = train_cfg.ldm.schedule.scheduler_config(train_cfg.ldm.prediction_type)
+        self.latent_shape = tuple(train_cfg.unet.latent_shape)
+
+    def _init_pipeline(self, prompts: list[str], log) -> None:
+        """A diffusers Stable Diffusion pipeline folder (see the module docstring)."""
+        from data_pipeline import token_dataset as T
+        from trainer.init_weights import load_into
+        from trainer.models.unet import Unet, shape_of
+        from trainer.pretrained.diffusers_sd import (
+            SCHEDULER,
+            load_text_encoder,
+            load_vae,
+            local_copy,
+            part_dir,
+            released_unet,
+        )
+
+        cfg, device = self.cfg, self.device
+        root = local_copy(cfg.model, cfg.storage, what="model").path
+        released = released_unet(root, what="model")
+        shape = shape_of(released.config)
+        model = Unet(shape, released.unet_config)
+        load_into(model, released.weights, prefix="unet.")
+        self.dtype = DTYPES[resolve_precision(cfg.precision)]
+        self.model = model.to(device).eval().to(self.dtype)
+        enc = load_text_encoder(root, device)
+        for text in prompts:
+            n = len(enc.tokenizer(text)["input_ids"])
+            if n > enc.text_len:
+                log(f"warning: prompt {text!r} is {n} tokens, the encoder reads {enc.text_len}")
+        ids, mask = enc.tokenize(prompts + [""])
+        states = enc.encode(torch.from_numpy(ids), torch.from_numpy(mask)).float()
+        if states.shape[-1] != shape.cross_attention_dim:
+            raise ValueError(
+                f"{released.config_path}: cross_attention_dim={shape.cross_attention_dim} but "
+                f"the text encoder of {cfg.model} is {states.shape[-1]} wide"
+            )
+        self.text, self.mask = states[:-1].to(device), None  # SD: no text mask
+        self.uncond = {T.TEXT_EMBEDDING: states[-1].to(device), T.TEXT_MASK: None}
+        self.image_tok = load_vae(root, device)
+        sched_path = os.path.join(part_dir(root, SCHEDULER), "scheduler_config.json")
+        with open(sched_path) as f:
+            sched = json.load(f)
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                "prediction_type", "clip_sample", "steps_offset", "timestep_spacing")  # fmt: skip
+        self.sched_config = {k: sched[k] for k in keys if k in sched}
+        self.latent_shape = tuple(shape.latent_shape)
+        if self.image_tok.latent_channels != shape.in_channels:
+            raise ValueError(
+                f"{released.config_path}: in_channels={shape.in_channels} but the VAE of "
+                f"{cfg.model} has {self.image_tok.latent_channels} latent channels"
+            )
 
     def __call__(self, rows: list[tuple[int, int]]) -> Chunk:
         from data_pipeline import token_dataset as T
@@ -200,10 +274,10 @@ class LdmGenerator:
             self.model,
             build_scheduler(s.scheduler, self.sched_config),
             self.text[p_idx],
-            self.mask[p_idx],
+            None if self.mask is None else self.mask[p_idx],
             self.uncond[T.TEXT_EMBEDDING],
             self.uncond[T.TEXT_MASK],
-            latent_shape=tuple(self.train_cfg.unet.latent_shape),
+            latent_shape=self.latent_shape,
             steps=s.steps,
             guidance=s.guidance,
             generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
