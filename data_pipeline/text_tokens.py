@@ -34,7 +34,11 @@ from data_pipeline import fs
 
 FORMAT = "ray-t2i/text-tokenizer"
 VERSION = 1
-KINDS = ("bpe", "open_clip")
+KINDS = ("bpe", "open_clip", "clip_folder")
+# clip_folder: a transformers CLIPTokenizer folder (a Stable Diffusion pipeline's `tokenizer/`),
+# its files kept inside the tokenizer document; it pads with its own pad token to text_len.
+CLIP_FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
+                     "special_tokens_map.json", "tokenizer.json")  # fmt: skip
 PAD_ID = 0
 PAD_TOKEN = "<pad>"
 MANIFEST_KEY = "text_tokenizer"  # dataset manifests: {"file": relative path, "fingerprint": ...}
@@ -63,6 +67,8 @@ class TextTokenizer:
                     f"text tokenizer: BPE has {self._bpe.get_vocab_size()} ids but vocab_size is "
                     f"{self.vocab_size}"
                 )
+        elif self.kind == "clip_folder":
+            self._hf = _clip_folder_tokenizer(doc["files"])
         else:
             from open_clip.tokenizer import SimpleTokenizer
 
@@ -122,6 +128,28 @@ class TextTokenizer:
         return cls(doc)
 
     @classmethod
+    def clip_folder(cls, folder: str) -> TextTokenizer:
+        """A local CLIPTokenizer folder (SD's `tokenizer/`): text_len is its model_max_length,
+        pad_id its pad token; the fingerprint covers every file of it we keep."""
+        import os
+
+        files = {}
+        for name in CLIP_FOLDER_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    files[name] = f.read()
+        if "vocab.json" not in files and "tokenizer.json" not in files:
+            raise FileNotFoundError(
+                f"{os.path.join(folder, 'vocab.json')}: missing (a CLIPTokenizer folder holds "
+                f"vocab.json + merges.txt or tokenizer.json)"
+            )
+        hf = _clip_folder_tokenizer(files)
+        doc = _doc("clip_folder", len(hf), int(hf.model_max_length), files=files)
+        doc["pad_id"] = int(hf.pad_token_id)
+        return cls(doc)
+
+    @classmethod
     def load(cls, path: str | fs.Location) -> TextTokenizer:
         """Read a tokenizer file written by `save` (local path, or a resolved Location)."""
         loc = fs.resolve(path) if isinstance(path, str) else path
@@ -147,6 +175,9 @@ class TextTokenizer:
             for i, enc in enumerate(self._bpe.encode_batch(texts, add_special_tokens=False)):
                 ids = enc.ids[: self.text_len]
                 out[i, : len(ids)] = ids
+        elif self.kind == "clip_folder":  # as SD pipelines call it
+            enc = self._hf(texts, padding="max_length", max_length=self.text_len, truncation=True)
+            out[:] = np.asarray(enc["input_ids"], dtype=np.int32)
         else:  # open_clip: <start> ... <end>, truncated with <end> kept last, 0-padded
             out[:] = self._clip(texts, context_length=self.text_len).numpy()
         return out
@@ -157,6 +188,8 @@ class TextTokenizer:
         texts = [str(t) for t in texts]
         if self.kind == "bpe":
             return [len(e.ids) for e in self._bpe.encode_batch(texts, add_special_tokens=False)]
+        if self.kind == "clip_folder":
+            return [len(ids) for ids in self._hf(texts)["input_ids"]]
         return [len(self._clip.encode(t)) + 2 for t in texts]
 
     def truncation_warnings(self, texts: Sequence[str]) -> list[str]:
@@ -175,6 +208,8 @@ class TextTokenizer:
         rows = np.atleast_2d(np.asarray(ids))
         if self.kind == "bpe":
             return self._bpe.decode_batch([[int(i) for i in r if i != self.pad_id] for r in rows])
+        if self.kind == "clip_folder":
+            return [s.strip() for s in self._hf.batch_decode(rows, skip_special_tokens=True)]
         special = set(self._clip.all_special_ids) | {self.pad_id}
         return [self._clip.decode([int(i) for i in r if i not in special]).strip() for r in rows]
 
@@ -228,6 +263,22 @@ def _check_doc(doc: Any, source: str) -> None:
             raise ValueError(f"{source}: {key} must be an integer, got {doc.get(key)!r}")
     if doc["kind"] == "bpe" and not isinstance(doc.get("tokenizer"), dict):
         raise ValueError(f"{source}: a bpe tokenizer needs its `tokenizer` JSON object")
+    if doc["kind"] == "clip_folder" and not isinstance(doc.get("files"), dict):
+        raise ValueError(f"{source}: a clip_folder tokenizer needs its `files` object")
+
+
+def _clip_folder_tokenizer(files: dict[str, str]):
+    """A transformers CLIPTokenizer from a folder's files (written to a temporary folder)."""
+    import os
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="t2i-clip-tok-") as tmp:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
 def load_text_tokenizer(dataset_uri: str, storage: Any = None) -> TextTokenizer:

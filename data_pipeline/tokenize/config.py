@@ -35,7 +35,9 @@ class ImageTokenizerSection(ActorPoolSection):
     """The dVAE / VQGAN (ar) or KL-AE (ldm) that encodes images, run on a Ray actor pool
     (`batch_size` images per forward pass, the pool's resources: see `ActorPoolSection`)."""
 
-    path: str = REQUIRED  # tokenizer directory, a `t2i train` run, or a `t2i convert` output
+    # tokenizer directory, a `t2i train` run, a `t2i convert` output, or a diffusers VAE folder;
+    # required unless `pretrained:` names a pipeline folder (its `vae/` is used)
+    path: str = ""
 
 
 @dataclass
@@ -59,6 +61,10 @@ class TokenizeConfig:
     decode_batch_size: int = 64  # rows per CPU decode task batch
     max_pixels: int = 89_478_485  # decoded width*height above this quarantines the sample
     keep_work: bool = False  # keep `_work/` (encoded parts) after success, for debugging
+    # recipe=ldm: a diffusers Stable Diffusion pipeline folder (local or s3://) whose `vae/`,
+    # `text_encoder/` and `tokenizer/` encode images and captions as its pipeline does
+    # (text_tokenizer and text_encoder model settings are then not used)
+    pretrained: str = ""
     text_tokenizer: TextTokenizerSection = field(default_factory=TextTokenizerSection)
     image_tokenizer: ImageTokenizerSection = field(default_factory=ImageTokenizerSection)
     text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
@@ -69,7 +75,14 @@ class TokenizeConfig:
 def check_config(cfg: TokenizeConfig) -> None:
     """Cross-field checks, run once after overrides (a half-applied override list may be
     inconsistent, so these do not live in `__post_init__`)."""
-    if cfg.recipe == "ldm" and cfg.text_tokenizer.kind != "open_clip":
+    if cfg.pretrained and cfg.recipe != "ldm":
+        raise ConfigError("pretrained: a pipeline folder is for recipe=ldm")
+    if not cfg.image_tokenizer.path and not cfg.pretrained:
+        raise ConfigError(
+            "missing required value 'image_tokenizer.path' (or, recipe=ldm, `pretrained:` a "
+            "Stable Diffusion pipeline folder)"
+        )
+    if cfg.recipe == "ldm" and not cfg.pretrained and cfg.text_tokenizer.kind != "open_clip":
         raise ConfigError(
             "text_tokenizer.kind must be open_clip when recipe=ldm (the text encoder reads "
             "open_clip ids)"

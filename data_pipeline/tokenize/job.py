@@ -33,6 +33,7 @@ from data_pipeline.manifest import MANIFEST_NAME, write_manifest
 from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.resumable import read_shard_task
 from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
+from data_pipeline.tokenize import sd
 from data_pipeline.tokenize.config import TokenizeConfig, check_config
 from data_pipeline.tokenize.stages import (
     PART_META_KEY,
@@ -81,6 +82,8 @@ def _text_tokenizer(ctx: _Ctx) -> TextTokenizer:
     loc = ctx.out.join(TEXT_TOKENIZER_FILE)
     if fs.exists(loc):
         tok = TextTokenizer.load(loc)
+    elif ctx.cfg.pretrained:  # the pipeline's own tokenizer
+        tok = sd.text_tokenizer(ctx.cfg)
     elif t.path:
         tok = TextTokenizer.load(fs.resolve(t.path, storage=ctx.cfg.storage))
     elif t.kind == "open_clip":
@@ -96,7 +99,10 @@ def _text_tokenizer(ctx: _Ctx) -> TextTokenizer:
         tok = TextTokenizer.train(
             [r[C.CAPTION] for r in rows], t.vocab_size, t.text_len, lowercase=t.lowercase
         )
-    if (tok.kind, tok.text_len) != (t.kind, t.text_len) or (
+    if ctx.cfg.pretrained:
+        if tok.kind != "clip_folder":
+            raise ValueError(f"{loc.uri}: holds a {tok.kind} tokenizer, not the pipeline's")
+    elif (tok.kind, tok.text_len) != (t.kind, t.text_len) or (
         t.kind == "bpe" and tok.vocab_size != t.vocab_size
     ):
         raise ValueError(
@@ -118,6 +124,7 @@ def _text_encoder_spec(cfg: TokenizeConfig) -> TextEncoderSpec:
         checkpoint=os.path.abspath(e.checkpoint) if e.checkpoint else "",
         batch_size=e.batch_size,
         threads=max(1, int(e.num_cpus)),
+        pretrained=sd.absolute(cfg.pretrained),
     )
 
 
@@ -126,7 +133,7 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
     from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
     cfg = ctx.cfg
-    tok = load_image_tokenizer(cfg.image_tokenizer.path, storage=cfg.storage)
+    tok = load_image_tokenizer(sd.image_tokenizer_path(cfg), storage=cfg.storage)
     want_discrete = cfg.recipe == "ar"
     if tok.discrete != want_discrete:
         raise ValueError(
@@ -149,6 +156,16 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
 
         body.update(image_vocab=tok.vocab_size, image_grid=grid,
                     image_codes_dtype=code_dtype(tok.vocab_size).name)  # fmt: skip
+    elif cfg.pretrained:  # a Stable Diffusion pipeline folder: its VAE and text encoder
+        width, encoder = sd.describe_text_encoder(cfg, text)
+        body["image_tokenizer"]["path"] = sd.image_tokenizer_path(cfg)
+        body.update(
+            latent_shape=[tok.latent_channels, grid, grid],
+            scaling_factor=tok.scaling_factor,
+            text_embedding_shape=[text.text_len, width],
+            text_encoder=encoder,
+            pretrained=sd.absolute(cfg.pretrained),
+        )
     else:
         from data_pipeline.clip_score import open_clip_config
 
@@ -159,7 +176,7 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
                 f"text_tokenizer.text_len={text.text_len} but text encoder {spec.model} has "
                 f"context_length={text_cfg.get('context_length', 77)}; set them equal"
             )
-        path = cfg.image_tokenizer.path  # decodes samples (ldm): absolute, for Ray workers
+        path = sd.image_tokenizer_path(cfg)  # decodes samples (ldm): absolute, for Ray workers
         body["image_tokenizer"]["path"] = path if "://" in path else os.path.abspath(path)
         body.update(
             latent_shape=[tok.latent_channels, grid, grid],
@@ -246,7 +263,9 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
     )
     ds = ds.map_batches(TokenizeText(text.to_bytes()), batch_size=cfg.decode_batch_size)
     it = cfg.image_tokenizer
-    spec = ImageEncoderSpec(it.path, cfg.storage, it.batch_size, max(1, int(it.num_cpus)))
+    spec = ImageEncoderSpec(
+        sd.image_tokenizer_path(cfg), cfg.storage, it.batch_size, max(1, int(it.num_cpus))
+    )
     ds = ds.map_batches(
         EncodeImages,
         fn_constructor_args=(spec,),

@@ -50,6 +50,9 @@ class TextEncoderSpec:
     checkpoint: str
     batch_size: int
     threads: int
+    # a Stable Diffusion pipeline folder (or a CLIPTextModel folder): its CLIPTextModel encodes,
+    # as its pipeline does (`trainer.pretrained.diffusers_sd`); `model`... are then unused
+    pretrained: str = ""
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -187,6 +190,14 @@ class EmbedText:
 
         self.spec = spec
         self.device = _device(spec.threads)
+        self.sd = None
+        if spec.pretrained:  # SD: CLIPTextModel last_hidden_state, no mask unless configured
+            from trainer.pretrained.diffusers_sd import load_text_encoder, local_copy
+
+            storage = getattr(spec, "storage", None)
+            root = local_copy(spec.pretrained, storage, what="pretrained").path
+            self.sd = load_text_encoder(root, self.device)
+            return
         clip_spec = ClipSpec(spec.model, spec.model_config, spec.checkpoint, spec.batch_size, 1)
         self.model = build_clip(clip_spec, self.device)[0]
 
@@ -196,7 +207,11 @@ class EmbedText:
         b = len(tokens)
         with torch.inference_mode():
             ids = torch.from_numpy(_pad_rows(tokens.astype(np.int64), self.spec.batch_size))
-            states = text_token_states(self.model, ids.to(self.device))[:b]
+            if self.sd is not None:
+                mask = ids != self.sd.pad_id if self.sd.use_attention_mask else None
+                states = self.sd.encode(ids, mask)[:b]
+            else:
+                states = text_token_states(self.model, ids.to(self.device))[:b]
         return states.float().reshape(b, -1).cpu().numpy().astype(np.float16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
