@@ -32,8 +32,8 @@ import time
 import torch
 
 from trainer.models.image_tokenizer import ImageTokenizer
-from trainer.recon import load_split_images, reconstruction_psnr
 from trainer.pretrained.image_tokenizers import load_image_tokenizer
+from trainer.recon import load_split_images, reconstruction_psnr
 
 
 def parse_tokenizers(items: list[str]) -> dict[str, str]:

@@ -197,8 +197,8 @@ def tokenizer_report(cfg: EvalConfig, log=print) -> dict | None:
     """PSNR of the image tokenizer on held-out real images (None when not configured)."""
     if not cfg.image_tokenizer:
         return None
-    from trainer.recon import load_split_images, reconstruction_psnr
     from trainer.pretrained.image_tokenizers import load_image_tokenizer
+    from trainer.recon import load_split_images, reconstruction_psnr
 
     tok = load_image_tokenizer(cfg.image_tokenizer, storage=cfg.storage)
     images = load_split_images(

@@ -17,6 +17,7 @@ from trainer import checkpoint as ck
 from trainer.config import TrainConfig
 from trainer.models.image_tokenizer import ImageTokenizer
 from trainer.models.klae import SCALE_KEY, KlaeConfig, KlaeTokenizer
+from trainer.pretrained.image_tokenizers import load_image_tokenizer
 from trainer.recon import (
     PSNR_CAP_DB,
     load_split_images,
@@ -24,7 +25,6 @@ from trainer.recon import (
     psnr,
     reconstruction_psnr,
 )
-from trainer.pretrained.image_tokenizers import load_image_tokenizer
 
 TINY = KlaeConfig(image_size=16, block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4)
 

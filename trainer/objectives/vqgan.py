@@ -45,8 +45,8 @@ from trainer.models.vqgan import (
     to_model_range,
 )
 from trainer.objectives.common import shard_dataset
-from trainer.recon import image_grid
 from trainer.pretrained.image_tokenizers import read_init_state
+from trainer.recon import image_grid
 
 DISC = "discriminator"
 LOG_IMAGES = 8  # originals / reconstructions shown by `log_images`
