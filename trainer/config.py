@@ -248,6 +248,12 @@ class LdmSection:
     # Give the U-Net the text mask. Stable Diffusion never does (it attends to the tokenizer's
     # padding too): false trains and samples with SD's own conditioning.
     text_mask: bool = True
+    # LoRA (peft) on the attention projections (to_q, to_k, to_v, to_out.0, as diffusers' LoRA
+    # examples): only the adapters train and carry optimizer state; 0: full fine-tuning. The
+    # export adds `pytorch_lora_weights.safetensors` (diffusers' `load_lora_weights` reads it)
+    # beside the base `unet/`. ZeRO-0/1/2 only.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # LoRA scale alpha / rank; 0: alpha = rank
 
 
 @dataclass

@@ -129,12 +129,13 @@ def _ds_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag="state")
 
 
-def test_finetune_from_the_pipeline_under_zero3_and_zero2_exports_a_pipeline(
+def test_finetune_from_the_pipeline_under_zero3_and_zero2_lora_exports_a_pipeline(
     sd_dir, sd_latents, tmp_path, caplog
 ):
-    """2 workers start from the pipeline's U-Net under ZeRO-3 and ZeRO-2 (lr 0: the step-0
-    weights are what training holds after the step); the export is a StableDiffusionPipeline
-    whose image equals `t2i sample`'s for the same latents, prompt, scheduler and steps."""
+    """2 workers start from the pipeline's U-Net under ZeRO-3 (lr 0: the step-0 weights are what
+    training holds after the step) and under ZeRO-2 with LoRA (the frozen base); the export is a
+    StableDiffusionPipeline whose image equals `t2i sample`'s for the same latents, prompt,
+    scheduler and steps; the LoRA export loads with load_lora_weights and changes the image."""
     import logging
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -148,12 +149,29 @@ def test_finetune_from_the_pipeline_under_zero3_and_zero2_exports_a_pipeline(
     data, _ = sd_latents
     original = load_file(str(sd_dir / "unet/diffusion_pytorch_model.safetensors"))
     z3 = _fit_sd(tmp_path, "z3", sd_dir, data, "engine.zero_stage=3", "optimizer.lr=0")
-    z2 = _fit_sd(tmp_path, "z2", sd_dir, data, "engine.zero_stage=2", "optimizer.lr=0")
-    for ckpt in (z3, z2):  # DeepSpeed's own consolidation of what the ranks trained
-        weights = _ds_weights(ckpt)
-        assert set(weights) == {f"unet.{k}" for k in original}
-        for k, v in original.items():
-            assert torch.equal(weights[f"unet.{k}"], v), (ckpt, k)
+    # ZeRO-2 with LoRA: the base frozen at the pipeline's weights, the adapters trained
+    lora = _fit_sd(tmp_path, "lora", sd_dir, data, "engine.zero_stage=2", "optimizer.lr=0.05",
+                   "ldm.lora_rank=4")  # fmt: skip
+    weights = _ds_weights(z3)  # DeepSpeed's own consolidation of what the ranks trained
+    assert set(weights) == {f"unet.{k}" for k in original}
+    for k, v in original.items():
+        assert torch.equal(weights[f"unet.{k}"], v), k
+    lw = _ds_weights(lora)
+    base = {k.replace(".base_layer", ""): v for k, v in lw.items() if ".lora_" not in k}
+    assert set(base) == {f"unet.{k}" for k in original}
+    for k, v in original.items():
+        assert torch.equal(base[f"unet.{k}"], v), k
+    adapters = {k: v for k, v in lw.items() if ".lora_" in k}
+    assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if "lora_B" in k)
+    # under ZeRO-2 only the adapters carry optimizer state (fp32 partitions, all ranks)
+    held = sum(
+        t.numel()
+        for f in (lora / "ds/state").glob("*optim_states.pt")
+        for t in torch.load(f, weights_only=False)["optimizer_state_dict"][
+            "single_partition_of_fp32_groups"]
+    )  # fmt: skip
+    n_adapters = sum(v.numel() for v in adapters.values())
+    assert n_adapters <= held < n_adapters + 64, (held, n_adapters)
     # step-0 predictions of the loaded U-Net equal the original U-Net's
     released = released_unet(str(sd_dir))
     ours = Unet(shape_of(released.config), released.unet_config)
@@ -188,6 +206,19 @@ def test_finetune_from_the_pipeline_under_zero3_and_zero2_exports_a_pipeline(
     theirs = exported(PROMPTS[0], latents=z0[None], num_inference_steps=4, guidance_scale=3.0,
                       output_type="pt").images  # fmt: skip
     torch.testing.assert_close(ours_img, theirs, rtol=0, atol=1e-4)
+
+    # The LoRA run's export: base unet/ unchanged, its adapters load with load_lora_weights.
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    base_export = load_file(str(lora / "unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(base_export[k], v) for k, v in original.items())
+    with_lora = StableDiffusionPipeline.from_pretrained(str(lora))
+    with_lora.scheduler = DDIMScheduler.from_config(with_lora.scheduler.config)
+    kwargs = dict(latents=z0[None], num_inference_steps=4, guidance_scale=3.0, output_type="pt")
+    before = with_lora(PROMPTS[0], **kwargs).images
+    torch.testing.assert_close(before, theirs, rtol=0, atol=1e-4)  # the base: the original
+    with_lora.load_lora_weights(str(lora))
+    after = with_lora(PROMPTS[0], **kwargs).images
+    assert (after - before).abs().max() > 1e-3
 
 
 def _sample(gen, prompt: int, seed: int) -> torch.Tensor:

@@ -185,6 +185,34 @@ def shape_of(unet_config: dict, base: UnetConfig | None = None) -> UnetConfig:
     )
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' LoRA examples' attention layers
+
+
+def add_lora(model: Unet, rank: int, alpha: float = 0.0) -> None:
+    """Freeze `model` and add peft LoRA adapters (rank `rank`, scale alpha / rank; alpha 0:
+    rank) to its attention projections; only they train. diffusers' `add_adapter`, as its LoRA
+    training examples call it; state-dict names gain `.base_layer` / `.lora_A.default` parts."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        init_lora_weights="gaussian",
+        target_modules=LORA_TARGETS,
+    )
+    model.unet.add_adapter(config)
+
+
+def lora_state_for_diffusers(model: Unet) -> dict[str, torch.Tensor]:
+    """The adapters of `model` in the layout `StableDiffusionPipeline.save_lora_weights` takes
+    (`unet_lora_layers`), as diffusers' LoRA training script converts them."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+
+
 def count_forward_flops(cfg: UnetConfig, text_len: int, unet_config: dict | None = None) -> float:
     """Forward FLOPs for one latent with `text_len` text states, counted by torch on a
     meta-device copy (no memory, no compute; safe under ZeRO-3 partitioning)."""

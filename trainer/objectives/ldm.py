@@ -39,7 +39,7 @@ from trainer.diffusion import (
     compute_target,
 )
 from trainer.ema import ShardedEma
-from trainer.models.unet import Unet, count_forward_flops, diffusers_config, shape_of
+from trainer.models.unet import Unet, add_lora, count_forward_flops, diffusers_config, shape_of
 from trainer.pretrained.diffusers_sd import released_unet
 from trainer.recon import image_grid
 from trainer.safe_files import save_safetensors
@@ -48,6 +48,7 @@ from trainer.sampling.ldm import build_scheduler, sample_latents
 GRID_PROMPTS = 8  # captions of the first micro-batch sampled into the logged grid
 SYNTHETIC_TEXT_LEN = 8  # text states per row of data.source=synthetic
 EXPORT_INFO = "t2i_ldm.json"  # what sampling needs beside the diffusers folders
+LORA = ".lora_"  # in the state-dict names of peft's adapters
 
 
 class LdmObjective:
@@ -61,6 +62,13 @@ class LdmObjective:
             self.u = shape_of(self.init.config, cfg.unet)
         else:
             cfg.unet.check()  # on the driver too (it builds the objective): fail before Ray Train
+        if cfg.ldm.lora_rank < 0:
+            raise ValueError(f"ldm.lora_rank must be >= 0, got {cfg.ldm.lora_rank}")
+        if cfg.ldm.lora_rank and cfg.engine.zero_stage == 3:
+            raise ValueError(
+                "ldm.lora_rank with engine.zero_stage=3 is not supported (the adapters are built "
+                "after the base weights load); use ZeRO-2: only the adapters carry optimizer state"
+            )
         self.ema = ShardedEma(cfg.ldm.ema_decay)
         self.callbacks = (self.ema,)
         self.alphas_cumprod = cfg.ldm.schedule.alphas_cumprod()  # (T,) float32
@@ -129,11 +137,14 @@ class LdmObjective:
     # -- model and loss -----------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         if self.init is None:
-            return Unet(self.u)  # (under ZeRO-3's zero.Init: partitioned as it is built)
-        from trainer.init_weights import load_into
+            model = Unet(self.u)  # (under ZeRO-3's zero.Init: partitioned as it is built)
+        else:
+            from trainer.init_weights import load_into
 
-        model = Unet(self.u, self.init.unet_config)
-        load_into(model, self.init.weights, prefix="unet.")  # ZeRO-3: per module, rank 0
+            model = Unet(self.u, self.init.unet_config)
+            load_into(model, self.init.weights, prefix="unet.")  # ZeRO-3: per module, rank 0
+        if self.l.lora_rank:  # frozen base, trainable adapters (the optimizer sees only them)
+            add_lora(model, self.l.lora_rank, self.l.lora_alpha)
         return model
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
@@ -239,8 +250,12 @@ class LdmObjective:
         encoder from (`ldm.init_from`, or the dataset's `pretrained:`), the export is a complete
         pipeline folder (`model_index.json`, `text_encoder/`, `tokenizer/`, `vae/`)."""
         unet_cfg = None if self.init is None else self.init.config
-        write_diffusers_unet(os.path.join(local, "unet"), self.u, weights, unet_cfg)
         raw = getattr(self, "_raw", None)
+        if self.l.lora_rank:  # unet/: the (frozen) base; the adapters in diffusers' LoRA file
+            self._write_lora(local, weights, unet_cfg)
+            weights = {k.replace(".base_layer", ""): v for k, v in weights.items() if LORA not in k}
+            raw = None  # the raw base is the EMA base: frozen
+        write_diffusers_unet(os.path.join(local, "unet"), self.u, weights, unet_cfg)
         if raw is not None:
             write_diffusers_unet(os.path.join(local, "unet"), self.u, raw, unet_cfg,
                                  name=NON_EMA_WEIGHTS)  # fmt: skip
@@ -267,6 +282,21 @@ class LdmObjective:
         with open(os.path.join(local, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
         self._write_pipeline(local)
+
+    def _write_lora(self, local: str, weights: dict, unet_cfg: dict | None) -> None:
+        """`pytorch_lora_weights.safetensors` (diffusers' `load_lora_weights` reads it) from the
+        exported adapters, converted as diffusers' LoRA training script converts them."""
+        from diffusers import StableDiffusionPipeline
+
+        from trainer.models.unet import lora_state_for_diffusers
+
+        model = Unet(self.u, None if unet_cfg is None else {
+            k: v for k, v in unet_cfg.items() if not k.startswith("_")})  # fmt: skip
+        add_lora(model, self.l.lora_rank, self.l.lora_alpha)
+        model.load_state_dict(weights, strict=True)
+        StableDiffusionPipeline.save_lora_weights(
+            local, unet_lora_layers=lora_state_for_diffusers(model), safe_serialization=True
+        )
 
     def _pipeline_source(self) -> str:
         """A local pipeline folder holding the text encoder the model was trained with."""

@@ -116,10 +116,17 @@ def load_ldm(path: str, storage: StorageConfig, device: str = "cpu"):
 
     from data_pipeline import token_dataset as T
     from trainer.models.image_tokenizer import WEIGHTS, load_strict
-    from trainer.models.unet import Unet
+    from trainer.models.unet import Unet, add_lora, shape_of
 
     src, train_cfg, state = load_exported(path, storage, "ldm", "latent-diffusion model")
-    model = Unet(train_cfg.unet)
+    if train_cfg.ldm.init_from:  # a released U-Net's shape: its config.json, exported in unet/
+        config = json.loads(fs.read_bytes(src.join("unet/config.json")))
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        model = Unet(shape_of(config, train_cfg.unet), config)
+    else:
+        model = Unet(train_cfg.unet)
+    if train_cfg.ldm.lora_rank:
+        add_lora(model, train_cfg.ldm.lora_rank, train_cfg.ldm.lora_alpha)
     load_strict(model, state, what=src.join(WEIGHTS).uri, layout="Unet")
     uncond = load(fs.read_bytes(src.join(T.EMPTY_CAPTION_FILE)))
     uncond = {T.TEXT_EMBEDDING: uncond[T.TEXT_EMBEDDING].astype(np.float32),
@@ -184,8 +191,8 @@ class LdmGenerator:
         manifest = T.read_latent_manifest(base)
         T.check_latent_compatible(
             manifest,
-            latent_shape=train_cfg.unet.latent_shape,
-            text_width=train_cfg.unet.cross_attention_dim,
+            latent_shape=model.cfg.latent_shape,
+            text_width=model.cfg.cross_attention_dim,
             source=cfg.tokens,
         )
         self.image_tok = load_image_tokenizer(cfg.image_tokenizer, storage=cfg.storage,
@@ -212,7 +219,7 @@ class LdmGenerator:
             self.mask = None  # trained with SD's conditioning: no mask
         self.uncond = {k: torch.from_numpy(v).to(device) for k, v in uncond.items()}
         self.sched_config = train_cfg.ldm.schedule.scheduler_config(train_cfg.ldm.prediction_type)
-        self.latent_shape = tuple(train_cfg.unet.latent_shape)
+        self.latent_shape = tuple(model.cfg.latent_shape)
 
     def _init_pipeline(self, prompts: list[str], log) -> None:
         """A diffusers Stable Diffusion pipeline folder (see the module docstring)."""
