@@ -4,6 +4,8 @@ folder diffusers loads, sample it; broken folders fail naming the file."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +243,55 @@ def _sample(gen, prompt: int, seed: int) -> torch.Tensor:
         eta=s.eta,
         dtype=gen.dtype,
     )
+
+
+def test_a_broken_folder_fails_with_one_line_naming_the_file(sd_dir, sd_latents, tmp_path):
+    """Missing U-Net / text-encoder weights, a renamed weight, and a U-Net whose text width is
+    not the dataset's: each fails before any training, naming the file."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    from trainer.config import TrainConfig
+    from trainer.objectives.ldm import LdmObjective
+    from trainer.pretrained.diffusers_sd import load_text_encoder, released_unet
+
+    def broken(name):
+        dst = tmp_path / name
+        shutil.copytree(sd_dir, dst)
+        return dst
+
+    no_unet = broken("no_unet")
+    (no_unet / "unet/diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        released_unet(str(no_unet))
+    assert str(e.value).startswith(f"{no_unet}/unet/diffusion_pytorch_model.safetensors: missing")
+    assert "\n" not in str(e.value)
+
+    no_te = broken("no_te")
+    (no_te / "text_encoder/model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=f"^{no_te}/text_encoder/model.safetensors: "):
+        load_text_encoder(str(no_te))
+
+    renamed = broken("renamed")
+    weights = renamed / "unet/diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    sd["conv_in.kernel"] = sd.pop("conv_in.weight")
+    save_file(sd, str(weights))
+    with pytest.raises(ValueError) as e:
+        released_unet(str(renamed))
+    assert str(e.value).startswith(f"{weights}: weights do not match the model: missing key "
+                                   "'conv_in.weight'")  # fmt: skip
+
+    wide = broken("wide")  # a U-Net for 48-wide text states; the dataset's are 32 wide
+    config = json.loads((wide / "unet/config.json").read_text())
+    config["cross_attention_dim"] = 48
+    unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    shutil.rmtree(wide / "unet")
+    unet.save_pretrained(str(wide / "unet"))
+    data, _ = sd_latents
+    cfg = TrainConfig(name="wide", objective="ldm")
+    cfg.ldm.init_from, cfg.data.source, cfg.data.path = str(wide), "tokens", str(data)
+    with pytest.raises(ValueError) as e:
+        LdmObjective(cfg).manifest()
+    assert "\n" not in str(e.value) and f"{wide}/unet/config.json" in str(e.value)
+    assert "32" in str(e.value) and "48" in str(e.value)
