@@ -345,3 +345,107 @@ def test_sparse_layer_keeps_only_its_projections_for_backward(kind):
     assert sum(saved.values()) <= B * S * (C + 3 * H * D + H * D), saved
     assert max(saved.values()) <= B * S * 3 * H * D
     assert x.grad is not None and all(p.grad is not None for p in attn.parameters())
+
+
+# ---- flex_attention (CUDA) and the short-sequence dense dispatch ------------------------------
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("text_len,grid,kernel", [(6, 4, 3), (3, 5, 5), (4, 7, 11), (1, 3, 1)])
+def test_flex_mask_mod_is_the_paper_mask(kind, text_len, grid, kernel):
+    """The BlockMask flex_attention uses on CUDA comes from this mask_mod: evaluated pointwise
+    over every (query, key) pair it is exactly the dense mask (itself checked against the
+    paper's hand-written 4x4 masks above)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from trainer.models.attention import flex_mask_mod
+
+    want = build_attention_mask(kind, text_len, grid, kernel)
+    L = want.shape[0]
+    got = create_mask(flex_mask_mod(kind, text_len, grid, kernel), 1, 1, L, L, device="cpu")
+    assert torch.equal(got[0, 0], want)
+
+
+@pytest.mark.parametrize("kind", ["row", "col", "conv"])
+def test_flex_attention_forward_equals_the_blockwise_path(kind):
+    """flex_attention has a CPU forward (eager) in torch 2.14, no CPU backward: the forward
+    with the BlockMask equals `sparse_attend` (the backward runs only on CUDA)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from trainer.models.attention import flex_block_mask
+
+    text_len, grid, kernel = 6, 8, 5
+    S = text_len + grid * grid
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, S, 16, generator=g) for _ in range(3))
+    block_mask = flex_block_mask(kind, text_len, grid, kernel, S, "cpu")
+    out = flex_attention(q, k, v, block_mask=block_mask)
+    ref = sparse_attend(q, k, v, kind, text_len, grid, kernel)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def _module_pair(kind: str, text_len: int = 4, grid: int = 6, kernel: int = 3):
+    torch.manual_seed(0)
+    layout = SeqLayout(kind, text_len, grid, kernel)
+    auto = SelfAttention(16, 2, 8, depth=2, layout=layout, impl="auto")
+    blockwise = SelfAttention(16, 2, 8, depth=2, layout=layout, impl="sparse")
+    blockwise.load_state_dict(auto.state_dict())
+    return auto, blockwise, text_len + grid * grid
+
+
+@pytest.mark.parametrize("kind", ["row", "col", "conv"])
+def test_short_sequences_take_the_dense_mask_and_equal_the_blockwise_path(kind, monkeypatch):
+    """impl auto at S <= DENSE_MAX_POSITIONS: one dense masked attention (no blockwise call),
+    equal to the blockwise path in forward and in every gradient (fp32, 1e-5)."""
+    import trainer.models.attention as A
+
+    auto, blockwise, S = _module_pair(kind)
+    calls = []
+    monkeypatch.setattr(A, "sparse_attend", lambda *a, **k: calls.append(1) or sparse_attend(*a, **k))
+    x = torch.randn(2, S, 16, requires_grad=True)
+    w = torch.randn(2, S, 16)
+    outs, grads = [], []
+    for m in (auto, blockwise):
+        y = m(x)
+        grads.append(torch.autograd.grad((y * w).sum(), (x, *m.parameters())))
+        outs.append(y)
+    assert len(calls) == 2  # the blockwise module's forward + its recompute; none from auto
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_long_sequences_stay_blockwise(monkeypatch):
+    import trainer.models.attention as A
+
+    auto, blockwise, S = _module_pair("conv")
+    monkeypatch.setattr(A, "DENSE_MAX_POSITIONS", S - 1)
+    calls = []
+    monkeypatch.setattr(A, "sparse_attend", lambda *a, **k: calls.append(1) or sparse_attend(*a, **k))
+    x = torch.randn(2, S, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x), blockwise(x), atol=0, rtol=0)
+    assert len(calls) == 2
+
+
+def test_a_checkpointed_block_does_not_checkpoint_its_attention_again(monkeypatch):
+    """With the engine's activation checkpointing, each sparse layer's attention runs twice per
+    step (forward, then the block's recompute); before, the layer's own checkpoint inside the
+    block's ran it a third time."""
+    import trainer.models.attention as A
+    from trainer.engine import apply_activation_checkpointing
+    from trainer.models.dalle import DalleTransformer, dalle_preset
+
+    monkeypatch.setattr(A, "DENSE_MAX_POSITIONS", 0)  # the blockwise path, as at 1280 positions
+    calls = []
+    monkeypatch.setattr(A, "sparse_attend", lambda *a, **k: calls.append(1) or sparse_attend(*a, **k))
+    torch.manual_seed(0)
+    model = DalleTransformer(dalle_preset("tiny", attn_pattern="row", depth=2))
+    apply_activation_checkpointing(model)
+    c = model.cfg
+    text = torch.randint(0, c.text_vocab, (2, c.text_len))
+    image = torch.randint(0, c.image_vocab, (2, c.image_grid**2))
+    text_logits, image_logits = model(text, image)
+    (text_logits.float().sum() + image_logits.float().sum()).backward()
+    assert len(calls) == 2 * c.depth
+    assert all(p.grad is not None for p in model.blocks.parameters())

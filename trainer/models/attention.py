@@ -9,8 +9,22 @@ mask shared by every block. col transposes the image states first (the paper's t
 column becomes a block and col is a causal mask inside each block. Work and memory are
 O(L * (text_len + window)) per layer; no (L, L) tensor exists. `build_attention_mask` gives the
 dense (L, L) masks, the reference the sparse path is tested against (and what impl "sdpa" /
-"matmul" use). `torch.nn.attention.flex_attention` was the other candidate: in torch 2.14.1 it
-has no backward on CPU (eager or compiled), so it cannot train here.
+"matmul" use).
+
+Which computation impl "auto" picks for a row/col/conv layer in training (no KV cache):
+
+    CUDA, no attention dropout   `flex_attention` (compiled) with a BlockMask built from the same
+                                 mask definition (`masks.visible` as its `mask_mod`): fused, with
+                                 a CUDA backward, skipping fully masked blocks. (In torch 2.14.1
+                                 flex_attention has no backward on CPU, eager or compiled.)
+    S <= DENSE_MAX_POSITIONS     the dense (S, S) boolean mask, one fused masked attention: at
+                                 short lengths the blockwise bookkeeping costs more than the
+                                 masked-out work it saves (the digits demo, 88 positions, 2 CPU
+                                 cores, bf16: see `DENSE_MAX_POSITIONS`). Mathematically identical.
+    longer                       `sparse_attend`, blockwise, O(L * window) memory (the paper's
+                                 1280 positions and up).
+
+impl "sparse" always computes blockwise (the memory reference).
 """
 
 from __future__ import annotations
@@ -25,10 +39,49 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.models.masks import check_geometry, image_visible, mask_rows
+from trainer.models.masks import check_geometry, image_visible, mask_rows, visible
 
 ATTN_IMPLS = ("auto", "sparse", "sdpa", "matmul")
 AttnImpl = Literal["auto", "sparse", "sdpa", "matmul"]
+
+# impl "auto" computes a sparse layer of at most this many input positions with its dense (S, S)
+# mask (module docstring). 1024 keeps every mask at <= 1 Mi booleans and the scores at
+# B * H * 1 Mi elements; the paper's sequence (256 text + 32 x 32 image = 1280) stays blockwise.
+DENSE_MAX_POSITIONS = 1024
+
+
+def flex_mask_mod(kind: str, text_len: int, grid: int, conv_kernel: int):
+    """flex_attention's `mask_mod(b, h, q_idx, kv_idx) -> bool` of a sparse kind: the paper's
+    mask, pointwise (`masks.visible`, the function `mask_rows` evaluates densely)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(kind, text_len, grid, conv_kernel, q_idx, kv_idx)
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=64)
+def flex_block_mask(kind: str, text_len: int, grid: int, conv_kernel: int, S: int, device: str):
+    """The BlockMask of `kind` over S positions on `device` (built once per shape and device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = flex_mask_mod(kind, text_len, grid, conv_kernel)
+    return create_block_mask(mask_mod, None, None, S, S, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    """flex_attention compiled once per process: its eager form is a slow reference."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q, k, v, kind: str, text_len: int, grid: int, conv_kernel: int) -> torch.Tensor:
+    """Sparse attention on CUDA: q, k, v (B, H, S, D) -> (B, H, S, D) under `kind`'s BlockMask."""
+    S = q.shape[2]
+    block_mask = flex_block_mask(kind, text_len, grid, conv_kernel, S, str(q.device))
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
 
 
 def attend(
@@ -177,6 +230,16 @@ def sparse_attend(
     return torch.cat([out_text, out], dim=2)  # (B, H, S, D)
 
 
+@functools.lru_cache(maxsize=64)
+def _dense_mask(layout: SeqLayout, S: int, device: str) -> torch.Tensor:
+    return layout.rows(0, S, device)
+
+
+def dense_mask(layout: SeqLayout, S: int, device: torch.device) -> torch.Tensor:
+    """The layer's bool (S, S) mask on `device`, built once per length and device."""
+    return _dense_mask(layout, S, str(device))
+
+
 @dataclass
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated at full length.
@@ -268,9 +331,15 @@ class SelfAttention(nn.Module):
     queries attend to positions 0 .. start+S-1 of the cache under mask `rows` (S, start+S)
     (computed from the layout when not given); without one, start must be 0.
 
-    impl: "auto"/"sparse" compute row/col/conv layers with `sparse_attend` (full layers dense:
-    SDPA's causal kernel on GPU, the explicit form on CPU); "sdpa"/"matmul" use the dense
-    (L, L) mask for every kind (the reference).
+    impl: "auto" computes row/col/conv layers with flex_attention on CUDA, their dense mask up
+    to DENSE_MAX_POSITIONS, else `sparse_attend` (module docstring); "sparse" always with
+    `sparse_attend`; full layers dense (SDPA's causal kernel on GPU, the explicit form on CPU);
+    "sdpa"/"matmul" use the dense (L, L) mask for every kind (the reference).
+
+    `recompute_sparse`: `sparse_attend` recomputes its blockwise intermediates in backward
+    (a checkpoint around it). Off when the whole block is already checkpointed
+    (`DalleTransformer.enable_activation_checkpointing`): a checkpoint inside a checkpoint
+    would run the attention forward three times per step instead of two.
     """
 
     def __init__(
@@ -294,6 +363,7 @@ class SelfAttention(nn.Module):
         # GPT-2: residual projections scaled by 1/sqrt(2 * depth) (two per block)
         self.proj = Linear(inner, dim, std=0.02 / math.sqrt(2 * depth))
         self.resid_drop = nn.Dropout(dropout)
+        self.recompute_sparse = True
 
     @property
     def sparse(self) -> bool:
@@ -328,6 +398,11 @@ class SelfAttention(nn.Module):
             y = attend(q, k, v, rows, impl=self._dense_impl(x), dropout_p=dropout_p)
         elif start != 0:
             raise ValueError("start must be 0 without a cache")
+        elif self.sparse and self.impl == "auto" and x.is_cuda and dropout_p == 0.0:
+            y = flex_attend(q, k, v, lay.kind, lay.text_len, lay.grid, lay.conv_kernel)
+        elif self.sparse and self.impl == "auto" and S <= DENSE_MAX_POSITIONS:
+            y = attend(q, k, v, dense_mask(lay, S, x.device), impl=self._dense_impl(x),
+                       dropout_p=dropout_p)  # fmt: skip
         elif self.sparse:
             attn = functools.partial(
                 sparse_attend,
@@ -338,10 +413,11 @@ class SelfAttention(nn.Module):
                 text_impl=self._dense_impl(x),
                 dropout_p=dropout_p,
             )
-            if torch.is_grad_enabled() and q.requires_grad:
+            if self.recompute_sparse and torch.is_grad_enabled() and q.requires_grad:
                 # Recompute the blockwise scores, probabilities and key windows in backward
                 # (as fused attention kernels do) instead of keeping them: only q, k, v stay.
-                y = checkpoint(attn, q, k, v, use_reentrant=False)
+                # RNG state is saved only when dropout draws from it.
+                y = checkpoint(attn, q, k, v, use_reentrant=False, preserve_rng_state=dropout_p > 0)
             else:
                 y = attn(q, k, v)
         else:

@@ -12,12 +12,14 @@ Internal text ids (what the text embedding reads and the text head predicts):
     text_vocab + text_len + 1          BOS (embedding only; never predicted)
 
 so the text head has `text_vocab + text_len + 1` outputs (`DalleConfig.text_vocab_internal`).
-Distribution, precision and activation checkpointing are applied from outside (the engine wraps
-each of `model.blocks`); this file imports only torch.
+Distribution, precision and activation checkpointing are applied from outside (the engine calls
+`enable_activation_checkpointing`, which wraps each of `model.blocks`); this file imports only
+torch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -25,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.models.attention import (
     ATTN_IMPLS,
@@ -233,6 +236,14 @@ class DalleTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(c.dim)
         self.text_head = Linear(c.dim, c.text_vocab_internal, bias=False)
         self.image_head = Linear(c.dim, c.image_vocab, bias=False)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each block in backward (what the engine's `activation_checkpointing` asks
+        for); the sparse layers then drop their own inner recompute (a checkpoint inside a
+        checkpoint runs the attention forward a third time for nothing)."""
+        for block in self.blocks:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            block.attn.recompute_sparse = False
 
     # ---- tokens and embeddings --------------------------------------------------------------
 

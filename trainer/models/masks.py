@@ -70,10 +70,25 @@ def image_visible(
     if kind != "conv":
         raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
     half = conv_kernel // 2
-    near = torch.zeros_like(causal)
-    for rows_up in range(half + 1):  # d = rows_up * grid + e, |e| <= half
-        near |= (d - rows_up * grid).abs() <= half
+    near = d.abs() <= half  # d = rows_up * grid + e, |e| <= half; out of place (vmap-safe)
+    for rows_up in range(1, half + 1):
+        near = near | ((d - rows_up * grid).abs() <= half)
     return causal & near
+
+
+def visible(
+    kind: str, text_len: int, grid: int, conv_kernel: int, q: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """May the query at input position `q` attend to the key at input position `k`? Integer
+    tensors, broadcast -> bool. The one definition of every mask: `mask_rows` evaluates it on a
+    grid of positions, and flex_attention's `mask_mod` (trainer.models.attention) pointwise."""
+    causal = k <= q
+    if kind == "full":
+        return causal
+    n_text = text_len + 1  # BOS + text
+    related = image_visible(kind, grid, conv_kernel, q - n_text, k - n_text)
+    # A text key is visible to every later query; an image key only to related image queries.
+    return causal & ((k < n_text) | ((q >= n_text) & related))
 
 
 def mask_rows(
@@ -94,15 +109,9 @@ def mask_rows(
     end = length if end is None else end
     if not 0 <= start <= end <= length:
         raise ValueError(f"need 0 <= start <= end <= L={length}, got start={start}, end={end}")
-    n_text = text_len + 1  # BOS + text
     q = torch.arange(start, end, device=device)[:, None]  # (S, 1) query positions
     k = torch.arange(end, device=device)[None, :]  # (1, end) key positions
-    causal = k <= q
-    if kind == "full":
-        return causal
-    related = image_visible(kind, grid, conv_kernel, q - n_text, k - n_text)  # (S, end)
-    # A text key is visible to every later query; an image key only to related image queries.
-    return causal & ((k < n_text) | ((q >= n_text) & related))
+    return visible(kind, text_len, grid, conv_kernel, q, k)  # (S, end)
 
 
 def build_attention_mask(
