@@ -306,7 +306,9 @@ class TrainConfig:
     steps: int = 100  # optimizer steps in total
     seed: int = 0
     log_every: int = 10
-    peak_tflops: float = 0.0  # per worker, for MFU; 0: measure a bf16 matmul at start
+    # per worker, for MFU; 0: the GPU's datasheet peak (trainer/metrics.py), else a matmul
+    # probe on the worker's device in the training dtype
+    peak_tflops: float = 0.0
     # Per objective, the model's shape (a `trainer/models/` dataclass, what an export records)
     # and, in the `_train` section beside it, how it is trained.
     dalle: DalleConfig = field(default_factory=DalleConfig)  # objective=dalle: the transformer

@@ -133,7 +133,6 @@ def zero_gpu_buckets(stage: int, width: int) -> dict:
 
       reduce_bucket_size                  h^2    (DeepSpeed's "auto" value, as its Hugging Face
                                                  integration fills it in)
-      allgather_bucket_size (stage 2)     h^2
       stage3_prefetch_bucket_size         12 h^2 (one transformer layer: qkv + out 4h^2, MLP
                                                  8h^2): the next layer is gathered while this
                                                  one computes; less cannot hide its gather
@@ -146,8 +145,6 @@ def zero_gpu_buckets(stage: int, width: int) -> dict:
         return {}
     h2 = width * width
     out: dict = {"reduce_bucket_size": h2}
-    if stage == 2:
-        out["allgather_bucket_size"] = h2
     if stage == 3:
         layer = 12 * h2
         live = max(10**9, 3 * layer)

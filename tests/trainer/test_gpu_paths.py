@@ -370,7 +370,7 @@ def test_zero_settings_for_gpu_workers_and_unchanged_for_cpu_workers():
     assert live == 3 * 12 * 8192**2
     two = eng.build_deepspeed_config(tiny("engine.zero_stage=2", "scaling.use_gpu=true"), 2)
     assert two["zero_optimization"]["overlap_comm"]
-    assert two["zero_optimization"]["allgather_bucket_size"] == 64 * 64  # dalle_tiny: dim 64
+    assert two["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # dalle_tiny: dim 64
     assert (
         eng.model_width(tiny("objective=ldm", "unet.block_out_channels=[320, 640, 1280]")) == 1280
     )
