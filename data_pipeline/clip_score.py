@@ -1,10 +1,9 @@
 """CLIP scoring on a Ray actor pool: cosine(image, text) and the image embedding per sample.
 
-The model is an open_clip model named in the config, built from a built-in architecture or a
-custom model-config JSON (registered with `open_clip.add_model_config`), with weights from a local
-open_clip checkpoint loaded with `weights_only=True` (open_clip's loader; no pickle execution).
-Nothing is downloaded: a checkpoint must be a local file, and an empty one means random weights
-(benchmarks only).
+The model is an open_clip model named in the config, built by `trainer.pretrained.clip_models`
+(a built-in architecture or a custom model-config JSON; weights from a local or s3:// checkpoint,
+read weights-only with every name checked, and the OpenAI QuickGELU trap refused). An empty
+checkpoint means random weights (tests and benchmarks only).
 
 Determinism: every forward pass sees exactly `batch_size` rows (short batches are zero-padded).
 A row's result then does not depend on which other rows share its batch, which Ray Data does not
@@ -13,9 +12,6 @@ fix between runs, so a resumed run scores every sample bit-identically to an uni
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +19,19 @@ import numpy as np
 from data_pipeline import columns as C
 from data_pipeline.devices import assigned_device
 from data_pipeline.filters import clip_reason
+from trainer.pretrained.clip_models import (  # noqa: F401 - re-exported for the stages' users
+    ClipSpec,
+    build_clip,
+    clip_image_size,
+    load_model_config_file,
+    open_clip_config,
+    register_model_config,
+)
 
 
 @dataclass
 class OpenClipSection:
-    """Config fields naming an open_clip model from local files (nothing is downloaded): the base
+    """Config fields naming an open_clip model (nothing is downloaded from a hub): the base
     of every section that names one (`t2i preprocess` and `t2i sample` `clip:`, `t2i tokenize`
     `text_encoder:`, `t2i train` `clip:`), which add their own fields (weights, batch size, ...)
     and may change these defaults."""
@@ -38,77 +42,6 @@ class OpenClipSection:
     def load_model_config(self) -> dict | None:
         """The custom architecture read from `model_config`, or None for a built-in one."""
         return load_model_config_file(self.model_config) if self.model_config else None
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """Everything an actor needs to rebuild the model (plain data: crosses the Ray boundary)."""
-
-    model: str  # open_clip model name
-    model_config: dict | None  # custom architecture (open_clip model-config dict) or None
-    checkpoint: str  # local file path or ""
-    batch_size: int
-    threads: int
-
-
-def load_model_config_file(path: str) -> dict:
-    """Read an open_clip model-config JSON (must have embed_dim, vision_cfg, text_cfg)."""
-    with open(path) as f:
-        cfg = json.load(f)
-    if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
-        raise ValueError(f"{path}: not an open_clip model config (embed_dim, vision_cfg, text_cfg)")
-    return cfg
-
-
-def register_model_config(name: str, cfg: dict) -> None:
-    """Make `name` a known open_clip architecture in this process."""
-    import open_clip
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, f"{name}.json")
-        with open(path, "w") as f:
-            json.dump(cfg, f)
-        open_clip.add_model_config(path)
-
-
-def clip_image_size(spec: ClipSpec) -> int:
-    """The square input side of the model's image tower."""
-    size = open_clip_config(spec)["vision_cfg"]["image_size"]
-    return int(size if isinstance(size, int) else size[0])
-
-
-def open_clip_config(spec: ClipSpec) -> dict:
-    """The open_clip architecture dict for `spec` (registers a custom one first)."""
-    import open_clip
-
-    if spec.model_config is not None:
-        register_model_config(spec.model, spec.model_config)
-    cfg = open_clip.get_model_config(spec.model)
-    if cfg is None:
-        raise ValueError(f"clip.model: unknown open_clip model {spec.model!r}")
-    return cfg
-
-
-def build_clip(spec: ClipSpec, device: str = "cpu"):
-    """(model in eval mode, tokenizer, mean, std) for `spec`; never downloads."""
-    import open_clip
-    import torch
-
-    if spec.model_config is not None:
-        register_model_config(spec.model, spec.model_config)
-    if spec.checkpoint and not os.path.isfile(spec.checkpoint):
-        raise FileNotFoundError(f"clip.checkpoint: no such file {spec.checkpoint!r}")
-    # Seeded so that random weights (no checkpoint: benchmarks, tests) are the same in every
-    # actor and every run; with a checkpoint every weight is overwritten anyway.
-    torch.manual_seed(0)
-    model = open_clip.create_model(
-        spec.model, pretrained=spec.checkpoint or None, device=device, load_weights=True
-    )
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(spec.model)
-    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    return model, tokenizer, tuple(mean), tuple(std)
 
 
 class ClipScorer:

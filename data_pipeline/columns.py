@@ -19,6 +19,10 @@ SHARD_ROWS = "shard_rows"  # int64: rows the reader produced for this shard (res
 IMAGE = "image"  # bytes: encoded image member
 IMAGE_EXT = "image_ext"  # str: its extension (jpg, png, ...)
 CAPTION = "caption"  # str: decoded UTF-8 caption
+# str: the sample's input fields as a JSON object: its shard's parquet sidecar row (img2dataset's
+# `NNNNN.parquet`) overlaid with its own `.json` member; "{}" when it has neither. Kept verbatim
+# in the clean shard's `.json` and sidecar, beside the fields preprocessing adds.
+META = "meta"
 
 # --- token datasets (`t2i tokenize` output, on disk; read by training) ------------------------------
 TEXT_TOKENS = "text_tokens"  # int list: BPE ids of the caption, padded
@@ -60,6 +64,7 @@ CAPTION_NOT_UTF8 = "caption_not_utf8"
 CAPTION_TOO_LONG = "caption_too_long"  # over `validate.max_caption_bytes`
 UNDECODABLE_IMAGE = "undecodable_image"
 DECOMPRESSION_BOMB = "decompression_bomb"  # header declares more than `validate.max_pixels`
+INVALID_JSON = "invalid_json"  # a `.json` member that is not a UTF-8 JSON object
 
 VALIDATION_REASONS = (
     CORRUPT_TAR,
@@ -76,13 +81,15 @@ VALIDATION_REASONS = (
     CAPTION_TOO_LONG,
     UNDECODABLE_IMAGE,
     DECOMPRESSION_BOMB,
+    INVALID_JSON,
 )
 
 TOO_SMALL = "too_small"  # short side under `filters.min_side`
 BAD_ASPECT_RATIO = "bad_aspect_ratio"  # long/short side over `filters.max_aspect_ratio`
 CAPTION_LENGTH = "caption_length"  # word count outside [min_caption_words, max_caption_words]
 LOW_CLIP_SCORE = "low_clip_score"  # cosine(image, text) under `clip.threshold`
-FILTER_REASONS = (TOO_SMALL, BAD_ASPECT_RATIO, CAPTION_LENGTH, LOW_CLIP_SCORE)
+FIELD_FILTER = "field_filter"  # an input field (punsafe, similarity...) fails `filters.fields`
+FILTER_REASONS = (TOO_SMALL, BAD_ASPECT_RATIO, CAPTION_LENGTH, FIELD_FILTER, LOW_CLIP_SCORE)
 
 DUPLICATE_EXACT = "duplicate_exact"  # same decoded pixels as a sample with a smaller key
 DUPLICATE_NEAR = "duplicate_near"  # CLIP image cosine >= dedup.near_threshold to a kept sample
@@ -93,7 +100,7 @@ ALL_REASONS = VALIDATION_REASONS + FILTER_REASONS + DEDUP_REASONS
 # Which stage each reason belongs to, for the per-stage counts in stats.json.
 STAGE_OF_REASON = {
     **{r: "validate" for r in VALIDATION_REASONS},
-    **{r: "filter" for r in (TOO_SMALL, BAD_ASPECT_RATIO, CAPTION_LENGTH)},
+    **{r: "filter" for r in (TOO_SMALL, BAD_ASPECT_RATIO, CAPTION_LENGTH, FIELD_FILTER)},
     LOW_CLIP_SCORE: "clip",
     **{r: "dedup" for r in DEDUP_REASONS},
 }

@@ -174,6 +174,13 @@ def resolve(
     return Location(pafs.LocalFileSystem(), path, path)
 
 
+def absolute_uri(uri: str) -> str:
+    """`uri` with a local path made absolute (Ray workers run elsewhere); s3:// and "" as is."""
+    if not uri or urlparse(uri).scheme == "s3":
+        return uri
+    return resolve(uri).path
+
+
 def ensure_dir(loc: Location) -> None:
     """Create a directory (a no-op on S3, where prefixes need no creation)."""
     if not loc.is_s3:

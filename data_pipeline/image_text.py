@@ -25,7 +25,7 @@ def _read_shard(
     item: dict, *, storage: StorageConfig | None, size: int, max_pixels: int
 ) -> list[dict]:
     limits = ReaderLimits.of()  # the preprocess defaults: same per-sample rules
-    rows = read_shard_rows(item["uri"], limits, storage=storage)
+    rows = read_shard_rows(item["uri"], limits, storage=storage, sidecar=False)
     out = []
     for r in rows:
         if r[C.REASON] or not r[C.IMAGE]:

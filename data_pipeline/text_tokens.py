@@ -44,6 +44,45 @@ PAD_TOKEN = "<pad>"
 MANIFEST_KEY = "text_tokenizer"  # dataset manifests: {"file": relative path, "fingerprint": ...}
 
 
+class CaptionSample:
+    """A uniform sample of at most `k` captions from a stream of any length, in O(k) memory:
+    the `k` whose ids hash lowest (bottom-k). The sample depends only on the set of (id, caption)
+    pairs, not on their order, so Ray tasks may deliver them in any order and samples of parts
+    merge (`merge`) into the sample of the whole: a rerun trains the same BPE."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"text_tokenizer.train_captions must be >= 1, got {k}")
+        self.k = k
+        self.seen = 0  # captions offered
+        self._heap: list[tuple[int, tuple, str]] = []  # (-hash, id, caption): max-heap on hash
+
+    @staticmethod
+    def rank(ident: tuple) -> int:
+        return int.from_bytes(hashlib.sha256(repr(ident).encode()).digest()[:7], "big")  # int64
+
+    def add(self, ident: tuple, caption: str, rank: int | None = None) -> None:
+        import heapq
+
+        self.seen += 1
+        item = (-(self.rank(ident) if rank is None else rank), ident, caption)
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, item)
+        elif item > self._heap[0]:  # a lower hash than the highest kept
+            heapq.heapreplace(self._heap, item)
+
+    def items(self) -> list[tuple[int, tuple, str]]:
+        """(hash, id, caption) of the kept captions (for `merge` across processes)."""
+        return [(-h, ident, c) for h, ident, c in self._heap]
+
+    def captions(self) -> list[str]:
+        """The kept captions in id order (a deterministic training order)."""
+        return [c for _, _, c in sorted(self._heap, key=lambda t: t[1])]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
 class TextTokenizer:
     """Fixed-length caption encoder. Build with `train`, `open_clip` or `load`, not directly."""
 
@@ -119,15 +158,6 @@ class TextTokenizer:
         return cls(_doc("open_clip", vocab, text_len, bpe_sha256=vocab_sha))
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "text tokenizer") -> TextTokenizer:
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{source}: not valid JSON: {e}") from e
-        _check_doc(doc, source)
-        return cls(doc)
-
-    @classmethod
     def clip_folder(cls, folder: str) -> TextTokenizer:
         """A local CLIPTokenizer folder (SD's `tokenizer/`): text_len is its model_max_length,
         pad_id its pad token; the fingerprint covers every file of it we keep."""
@@ -147,6 +177,15 @@ class TextTokenizer:
         hf = _clip_folder_tokenizer(files)
         doc = _doc("clip_folder", len(hf), int(hf.model_max_length), files=files)
         doc["pad_id"] = int(hf.pad_token_id)
+        return cls(doc)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "text tokenizer") -> TextTokenizer:
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{source}: not valid JSON: {e}") from e
+        _check_doc(doc, source)
         return cls(doc)
 
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import json
 import re
 import tarfile
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from data_pipeline.shards import split_member_name
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")  # what the shard writer accepts
 _GLOB_CHARS = set("*?[")
+_BRACE_RE = re.compile(r"\{([^{}]*)\}")
+SIDECAR_KEY = "key"  # the column of a parquet sidecar that names the sample (img2dataset's)
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,22 +41,75 @@ _GLOB_CHARS = set("*?[")
 # --------------------------------------------------------------------------------------------
 
 
+def expand_braces(entry: str) -> list[str]:
+    """webdataset's shard-list spelling: `{00000..00999}` (zero-padded to the first bound's
+    width) and `{a,b}`, any number of them, expanded left to right; no braces: `[entry]`."""
+    m = _BRACE_RE.search(entry)
+    if m is None:
+        if "{" in entry or "}" in entry:
+            raise ValueError(f"input: {entry!r}: unbalanced or unsupported braces")
+        return [entry]
+    body, head, tail = m.group(1), entry[: m.start()], entry[m.end() :]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        if hi < lo:
+            raise ValueError(f"input: {entry!r}: range {{{body}}} is empty")
+        width = len(r.group(1))
+        options = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise ValueError(f"input: {entry!r}: {{{body}}} is neither a..b nor a,b")
+    return [x for o in options for x in expand_braces(head + o + tail)]
+
+
 def list_shards(inputs: str | list[str], *, storage: StorageConfig | None = None) -> list[str]:
-    """Sorted, de-duplicated shard URIs for a dir, a shard, a glob, or a list of those.
+    """Sorted, de-duplicated shard URIs for a dir, a shard, a glob, a brace range
+    (`s3://b/laion/{00000..00999}.tar`), or a list of those.
 
     `storage` (the job's config section) sets the S3 endpoint, region, retries and timeouts.
-    Raises FileNotFoundError naming the entry that matched nothing.
+    Raises FileNotFoundError naming the entry that matched nothing (for a brace range: the
+    first shard it names that does not exist, and how many are missing).
     """
     entries = [inputs] if isinstance(inputs, str) else list(inputs)
     if not entries:
         raise ValueError("input: no shards given")
     found: set[str] = set()
     for entry in entries:
+        if "{" in entry or "}" in entry:
+            found.update(_list_braces(entry, storage))
+            continue
         matched = _list_entry(entry, storage)
         if not matched:
             raise FileNotFoundError(f"input: {entry!r} matches no .tar shard")
         found.update(matched)
     return sorted(found)
+
+
+def _list_braces(entry: str, storage: StorageConfig | None) -> list[str]:
+    """The shards a brace range names, each checked to exist with one listing per directory
+    (not one request per shard: a range may name thousands)."""
+    names = expand_braces(entry)
+    by_dir: dict[str, list[str]] = {}
+    for n in names:
+        by_dir.setdefault(n.rsplit("/", 1)[0] if "/" in n else ".", []).append(n)
+    missing, uris = [], []
+    for parent, members in by_dir.items():
+        base = fs.resolve(parent, storage=storage)
+        present = set(fs.list_files(base))
+        for n in members:
+            loc = base.join(n.rsplit("/", 1)[-1])
+            if loc.path in present:
+                uris.append(_uri(base, loc.path))
+            else:
+                missing.append(n)
+    if missing:
+        raise FileNotFoundError(
+            f"input: {entry!r}: {len(missing)} of {len(names)} shard(s) do not exist, "
+            f"first {missing[0]!r}"
+        )
+    return uris
 
 
 def _list_entry(entry: str, storage: StorageConfig | None) -> list[str]:
@@ -189,9 +245,25 @@ def _unsafe_member(key: str, members: dict[str, bytes], limits: ReaderLimits) ->
     return None
 
 
+def _input_fields(group: _Group) -> tuple[str, str]:
+    """(META json, "") for a sample: its `.json` member's fields ("{}" without one); or
+    ("", detail) when the member is not a UTF-8 JSON object."""
+    fields: dict = {}
+    raw = group.members.get("json")
+    if raw is not None:
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return "", f"{group.key}.json: {e}"
+        if not isinstance(obj, dict):
+            return "", f"{group.key}.json: a JSON {type(obj).__name__}, not an object"
+        fields.update(obj)
+    return json.dumps(fields, sort_keys=True, default=str), ""
+
+
 def _sample_row(group: _Group, limits: ReaderLimits) -> dict:
     """A row for one complete group: the payload, or the first reason it is quarantined."""
-    row = {C.KEY: group.key, C.IMAGE: b"", C.IMAGE_EXT: "", C.CAPTION: ""}
+    row = {C.KEY: group.key, C.IMAGE: b"", C.IMAGE_EXT: "", C.CAPTION: "", C.META: "{}"}
 
     def bad(reason: str, detail: str) -> dict:
         return {**row, C.REASON: reason, C.DETAIL: detail}
@@ -218,11 +290,15 @@ def _sample_row(group: _Group, limits: ReaderLimits) -> dict:
         return bad(C.CAPTION_NOT_UTF8, str(e))
     if not caption.strip():
         return bad(C.EMPTY_CAPTION, f"{len(raw)} bytes of whitespace" if raw else "0 bytes")
+    meta, problem = _input_fields(group)
+    if problem:
+        return bad(C.INVALID_JSON, problem)
     return {
         **row,
         C.IMAGE: group.members[image_ext],
         C.IMAGE_EXT: image_ext,
         C.CAPTION: caption.strip(),
+        C.META: meta,
         C.REASON: "",
         C.DETAIL: "",
     }
@@ -244,7 +320,7 @@ def parse_shard(stream, limits: ReaderLimits) -> list[dict]:
     for item in items:
         if not isinstance(item, _Group):
             reason, detail = item
-            rows.append({C.KEY: "", C.IMAGE: b"", C.IMAGE_EXT: "", C.CAPTION: "",
+            rows.append({C.KEY: "", C.IMAGE: b"", C.IMAGE_EXT: "", C.CAPTION: "", C.META: "{}",
                          C.REASON: reason, C.DETAIL: detail})  # fmt: skip
             continue
         idx = runs[item.key]
@@ -264,11 +340,11 @@ def parse_shard(stream, limits: ReaderLimits) -> list[dict]:
             rows.append(_sample_row(item, limits))
             for _ in groups[1:]:
                 rows.append({C.KEY: item.key, C.IMAGE: b"", C.IMAGE_EXT: "", C.CAPTION: "",
-                             C.REASON: C.DUPLICATE_KEY,
+                             C.META: "{}", C.REASON: C.DUPLICATE_KEY,
                              C.DETAIL: f"key seen in {len(groups)} places; first kept"})  # fmt: skip
         else:
             rows.append({C.KEY: item.key, C.IMAGE: b"", C.IMAGE_EXT: "", C.CAPTION: "",
-                         C.REASON: C.NONCONTIGUOUS_KEY,
+                         C.META: "{}", C.REASON: C.NONCONTIGUOUS_KEY,
                          C.DETAIL: f"members {sorted(set().union(*exts))} split into "
                                    f"{len(groups)} runs"})  # fmt: skip
     for seq, row in enumerate(rows):
@@ -277,17 +353,63 @@ def parse_shard(stream, limits: ReaderLimits) -> list[dict]:
 
 
 def read_shard_rows(
-    uri: str, limits: ReaderLimits, *, storage: StorageConfig | None = None
+    uri: str,
+    limits: ReaderLimits,
+    *,
+    storage: StorageConfig | None = None,
+    sidecar: bool = True,
 ) -> list[dict]:
     """Stream one shard from local disk or S3 (`storage`: the job's config section) and parse it
-    (`parse_shard`)."""
+    (`parse_shard`), with its parquet sidecar's rows where one lies beside it (`sidecar=False`:
+    not looked for, for readers that need no input fields)."""
     loc = fs.resolve(uri, storage=storage)
     try:
         stream = loc.fs.open_input_stream(loc.path)
     except OSError as e:
         raise StorageReadError(f"{uri}: cannot open the shard: {e}") from e
     with stream:
-        return parse_shard(_StorageErrors(stream, uri), limits)
+        rows = parse_shard(_StorageErrors(stream, uri), limits)
+    side = read_sidecar(loc) if sidecar else None
+    if side:  # each sample's sidecar row, overlaid with its own .json member
+        for r in rows:
+            if r[C.KEY] in side and not r[C.REASON]:
+                r[C.META] = json.dumps({**side[r[C.KEY]], **json.loads(r[C.META])},
+                                       sort_keys=True, default=str)  # fmt: skip
+    return rows
+
+
+def sidecar_location(shard: fs.Location) -> fs.Location:
+    """`NNNNN.parquet` beside `NNNNN.tar` (img2dataset's layout)."""
+    stem = shard.path.removesuffix(".tar")
+    return fs.Location(shard.fs, f"{stem}.parquet", f"{shard.uri.removesuffix('.tar')}.parquet")
+
+
+def read_sidecar(shard: fs.Location) -> dict[str, dict] | None:
+    """{key: row} of the shard's parquet sidecar, or None when it has none. A sidecar that is not
+    Parquet or has no `key` column stops the job naming it (bad input, not a bad sample)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    side = sidecar_location(shard)
+    if not shard.path.endswith(".tar"):
+        return None
+    try:
+        if not fs.exists(side):
+            return None
+        with side.fs.open_input_file(side.path) as f:
+            data = f.read()
+    except OSError as e:  # storage, not the data: the job stops naming it (a rerun resumes)
+        raise StorageReadError(f"{side.uri}: cannot read the parquet sidecar: {e}") from e
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{side.uri}: not a readable parquet sidecar: {e}") from e
+    if SIDECAR_KEY not in table.column_names:
+        raise ValueError(
+            f"{side.uri}: parquet sidecar has no {SIDECAR_KEY!r} column "
+            f"(columns: {table.column_names[:12]})"
+        )
+    return {str(r[SIDECAR_KEY]): r for r in table.to_pylist() if r[SIDECAR_KEY] is not None}
 
 
 class StorageReadError(RuntimeError):

@@ -60,6 +60,48 @@ def _round(x: float) -> float | None:
     return None if not math.isfinite(x) else round(float(x), 6)
 
 
+# The fields preprocessing adds to a sample's `.json`, beside every input field (img2dataset's
+# url, width/height, original_width/height, status; LAION's similarity, punsafe, pwatermark...).
+OUR_FIELDS = ("source_shard", "source_key", "decoded_width", "decoded_height", "pixel_hash",
+              "clip_score")  # fmt: skip
+
+
+def output_fields(inputs: dict, ours: dict) -> dict:
+    """A clean sample's `.json`: every input field, ours added under their own names. An input
+    field that already has one of our names (an earlier t2i pass) is kept as `input_<name>`."""
+    out = dict(inputs)
+    for k, v in ours.items():
+        if k in out:
+            out[f"input_{k}"] = out.pop(k)
+        out[k] = v
+    return out
+
+
+def sidecar_bytes(rows: list[dict]) -> bytes:
+    """A shard's parquet sidecar: a column per field (the union over rows; null where a row
+    lacks it). A column whose values mix types or nest (exif dicts) holds their JSON text."""
+    names: dict[str, None] = {}
+    for r in rows:
+        names.update(dict.fromkeys(r))
+    columns = {}
+    for name in names:
+        values = [r.get(name) for r in rows]
+        kinds = {type(v) for v in values if v is not None}
+        if kinds in (set(), {int}, {float}, {str}, {bool}):
+            columns[name] = pa.array(values)
+        elif kinds == {int, float}:
+            columns[name] = pa.array([None if v is None else float(v) for v in values])
+        else:
+            columns[name] = pa.array(
+                [None if v is None else json.dumps(v, sort_keys=True, default=str) for v in values],
+                pa.string(),
+            )
+    table = pa.table(columns) if columns else pa.table({"key": pa.array([], pa.string())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
 def write_clean_shard(
     scored: pa.Table,
     verdicts: pa.Table,
@@ -90,7 +132,7 @@ def write_clean_shard(
             f"{expected} when scored, {len(verdict)} verdicts); rerun into a fresh output"
         )
 
-    samples, quarantine = [], []
+    samples, quarantine, sidecar = [], [], []
     reasons: dict[str, int] = {}
     for row in source:
         v = verdict[row[C.SEQ]]
@@ -103,21 +145,26 @@ def write_clean_shard(
             reasons[reason] = reasons.get(reason, 0) + 1
             quarantine.append((source_uri, row[C.KEY], reason, str(v[C.DETAIL])))
             continue
-        meta = {
-            "source_shard": source_uri,
-            "source_key": row[C.KEY],
-            "width": int(v[C.WIDTH]),
-            "height": int(v[C.HEIGHT]),
-            "pixel_hash": str(v[C.PIXEL_HASH]),
-            "clip_score": _round(_float(v.get(C.CLIP_SCORE))),
-        }
+        meta = output_fields(
+            json.loads(row.get(C.META) or "{}"),
+            {
+                "source_shard": source_uri,
+                "source_key": row[C.KEY],
+                "decoded_width": int(v[C.WIDTH]),
+                "decoded_height": int(v[C.HEIGHT]),
+                "pixel_hash": str(v[C.PIXEL_HASH]),
+                "clip_score": _round(_float(v.get(C.CLIP_SCORE))),
+            },
+        )
         members = {
             row[C.IMAGE_EXT]: row[C.IMAGE],
             "txt": row[C.CAPTION].encode("utf-8"),
-            "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+            "json": json.dumps(meta, sort_keys=True, default=str).encode("utf-8"),
         }
         samples.append((row[C.KEY], members))
+        sidecar.append({"key": row[C.KEY], "caption": row[C.CAPTION], **meta})
     samples.sort(key=lambda s: s[0])
+    sidecar.sort(key=lambda r: r["key"])
 
     name = shard_name(shard_idx)
     table = pa.Table.from_pylist(
@@ -129,6 +176,9 @@ def write_clean_shard(
     fs.write_bytes_atomic(out.join(QUARANTINE_DIR, f"{name}.parquet"), buf.getvalue())
 
     scores = np.array([_float(v.get(C.CLIP_SCORE)) for v in verdict.values()], np.float64)
+    # img2dataset's layout: the sidecar beside the tar, one row per sample (written first: the
+    # tar's presence is what readers list, and the stats JSON below commits both).
+    fs.write_bytes_atomic(out.join(SHARDS_DIR, f"{name}.parquet"), sidecar_bytes(sidecar))
     info = write_shard(out.join(SHARDS_DIR, f"{name}.tar"), samples)
     stats = {
         "shard_idx": shard_idx,

@@ -6,9 +6,17 @@ t2i preprocess --config jobs/configs/preprocess_digits.yaml output=runs/clean
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from data_pipeline.clip_score import OpenClipSection
-from data_pipeline.config import REQUIRED, ActorPoolSection, RayConfig, StorageConfig
+from data_pipeline.config import (
+    REQUIRED,
+    ActorPoolSection,
+    ConfigError,
+    RayConfig,
+    StorageConfig,
+)
+from data_pipeline.filters import FieldFilter
 
 
 @dataclass
@@ -38,6 +46,9 @@ class PreprocessFilterSection:
     max_aspect_ratio: float = 0.0  # long side / short side; 0 disables
     min_caption_words: int = 0  # whitespace-separated words; 0 disables
     max_caption_words: int = 0  # 0 disables
+    # filters on the fields samples bring (.json / parquet sidecar), all must pass, e.g.
+    # [{field: punsafe, op: "<", value: 0.1}, {field: similarity, op: ">=", value: 0.28}]
+    fields: list[FieldFilter] = field(default_factory=list)
 
 
 @dataclass
@@ -47,7 +58,12 @@ class PreprocessClipSection(ActorPoolSection, OpenClipSection):
     resources: see `ActorPoolSection`)."""
 
     enabled: bool = True  # False: no score filter and no near-duplicate detection
-    checkpoint: str = ""  # local open_clip checkpoint (.pt/.bin/.safetensors); "": random init
+    # open_clip/OpenAI weights (.safetensors/.pt/.bin), local or s3:// (fetched once per node);
+    # "": random weights (tests, benchmarks)
+    checkpoint: str = ""
+    # what the weights were trained with: auto (read it from the checkpoint; an OpenAI-layout file
+    # that does not say is refused under a GELU model), gelu or quick_gelu (OpenAI's weights)
+    checkpoint_activation: Literal["auto", "gelu", "quick_gelu"] = "auto"
     threshold: float = 0.28  # keep cosine >= threshold (LAION-400M's value for ViT-B/32)
 
 
@@ -78,3 +94,12 @@ class PreprocessConfig:
     dedup: PreprocessDedupSection = field(default_factory=PreprocessDedupSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+def check_config(cfg: PreprocessConfig) -> None:
+    """Cross-field checks, run once after overrides; errors name the key."""
+    for i, f in enumerate(cfg.filters.fields):
+        try:
+            f.check(f"filters.fields[{i}]")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

@@ -46,7 +46,7 @@ from data_pipeline.clip_score import (
 from data_pipeline.config import StorageConfig
 from data_pipeline.filters import ApplyFilters
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from data_pipeline.preprocess.config import PreprocessConfig
+from data_pipeline.preprocess.config import PreprocessConfig, check_config
 from data_pipeline.preprocess.dedup import dedup_phase
 from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.resumable import read_shard_task
@@ -61,6 +61,7 @@ from data_pipeline.writer import (
     summarize,
     write_clean_shard,
 )
+from trainer.pretrained.clip_models import check_checkpoint
 
 MANIFEST_FORMAT = "ray-t2i/webdataset"  # the same format `t2i data digits` writes
 MANIFEST_VERSION = 1
@@ -153,8 +154,8 @@ def result_config(cfg: PreprocessConfig) -> dict:
 def _check_plan(ctx: _Ctx) -> dict:
     """Record (or check, on a rerun) what this output directory is being built from."""
     plan = {"inputs": ctx.shards, "config": result_config(ctx.cfg)}
-    if ctx.cfg.clip.enabled and ctx.cfg.clip.checkpoint:
-        plan["clip_checkpoint_sha256"] = fs.file_digest(ctx.cfg.clip.checkpoint)[1]
+    if ctx.spec is not None and ctx.spec.checkpoint:  # fetched (s3://) and checked here, once
+        plan["clip_checkpoint_sha256"] = check_checkpoint(ctx.spec).sha256
     resumable.record_plan(
         ctx.out, plan, job="preprocess", differs="inputs or settings", log=ctx.log
     )
@@ -216,7 +217,9 @@ def _phase_score(ctx: _Ctx) -> list[tuple[str, dict]]:
     )
     f = cfg.filters
     ds = ds.map_batches(
-        ApplyFilters(f.min_side, f.max_aspect_ratio, f.min_caption_words, f.max_caption_words),
+        ApplyFilters(
+            f.min_side, f.max_aspect_ratio, f.min_caption_words, f.max_caption_words, f.fields
+        ),  # fmt: skip
         batch_size=cfg.decode_batch_size,
         memory=decode_memory,
     )
@@ -366,6 +369,7 @@ def _finalize(ctx: _Ctx, plan: dict) -> dict:
 
 
 def build_context(cfg: PreprocessConfig, log=print) -> _Ctx:
+    check_config(cfg)
     out = fs.resolve(cfg.output, storage=cfg.storage)
     limits = ReaderLimits.of(cfg.validate)
     spec = None
@@ -375,9 +379,11 @@ def build_context(cfg: PreprocessConfig, log=print) -> _Ctx:
             model_config=load_model_config_file(cfg.clip.model_config)
             if cfg.clip.model_config
             else None,
-            checkpoint=os.path.abspath(cfg.clip.checkpoint) if cfg.clip.checkpoint else "",
+            checkpoint=fs.absolute_uri(cfg.clip.checkpoint),
             batch_size=cfg.clip.batch_size,
             threads=max(1, int(cfg.clip.num_cpus)),
+            checkpoint_activation=cfg.clip.checkpoint_activation,
+            storage=cfg.storage,
         )
         if not spec.checkpoint:
             log(f"preprocess: warning: clip.checkpoint is empty: {spec.model} has RANDOM weights")

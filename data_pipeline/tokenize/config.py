@@ -27,6 +27,9 @@ class TextTokenizerSection:
     text_len: int = 16  # ids per caption: truncated, right-padded with 0
     lowercase: bool = True  # bpe: lowercase captions before training and encoding
     train_shards: int = 0  # bpe: train on the captions of the first N input shards; 0: all
+    # bpe: train on at most this many of those captions, a uniform sample (the lowest hashes of
+    # shard index + position: deterministic); bounds the driver's memory on any data size
+    train_captions: int = 500_000
     path: str = ""  # reuse this tokenizer file (e.g. another dataset's) instead of building one
 
 
@@ -46,7 +49,10 @@ class TextEncoderSection(ActorPoolSection, OpenClipSection):
     `model_config`: see `OpenClipSection`), run on a Ray actor pool (`batch_size` captions per
     forward pass, the pool's resources: see `ActorPoolSection`)."""
 
-    checkpoint: str = ""  # local open_clip checkpoint; "": random weights (tests, benchmarks)
+    checkpoint: str = ""  # open_clip checkpoint, local or s3://; "": random (needs allow_random)
+    # what the weights were trained with: auto (read from the checkpoint; see preprocess's clip)
+    checkpoint_activation: Literal["auto", "gelu", "quick_gelu"] = "auto"
+    allow_random: bool = False  # an empty checkpoint is refused unless this says so (tests, demo)
 
 
 @dataclass
@@ -75,6 +81,18 @@ class TokenizeConfig:
 def check_config(cfg: TokenizeConfig) -> None:
     """Cross-field checks, run once after overrides (a half-applied override list may be
     inconsistent, so these do not live in `__post_init__`)."""
+    e = cfg.text_encoder
+    if (
+        cfg.recipe == "ldm"
+        and not e.checkpoint
+        and not getattr(cfg, "pretrained", "")  # a pipeline folder brings its own encoder
+        and not e.allow_random
+    ):
+        raise ConfigError(
+            "text_encoder.checkpoint is empty: the text encoder would have RANDOM weights and "
+            "the latent dataset's text states would mean nothing; name a checkpoint, or set "
+            "text_encoder.allow_random=true (tests, demos)"
+        )
     if cfg.pretrained and cfg.recipe != "ldm":
         raise ConfigError("pretrained: a pipeline folder is for recipe=ldm")
     if not cfg.image_tokenizer.path and not cfg.pretrained:
@@ -90,6 +108,10 @@ def check_config(cfg: TokenizeConfig) -> None:
     for key in ("image_size", "decode_batch_size", "max_pixels"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.text_tokenizer.train_captions < 1:
+        raise ConfigError(
+            f"text_tokenizer.train_captions must be >= 1, got {cfg.text_tokenizer.train_captions}"
+        )
     if cfg.rows_per_shard < 0:
         raise ConfigError(f"rows_per_shard must be >= 0, got {cfg.rows_per_shard}")
     for sec in ("image_tokenizer", "text_encoder"):

@@ -32,7 +32,7 @@ from data_pipeline import token_dataset as T
 from data_pipeline.manifest import MANIFEST_NAME, write_manifest
 from data_pipeline.ray_metrics import DataStageMetrics
 from data_pipeline.resumable import read_shard_task
-from data_pipeline.text_tokens import MANIFEST_KEY, TextTokenizer
+from data_pipeline.text_tokens import MANIFEST_KEY, CaptionSample, TextTokenizer
 from data_pipeline.tokenize import sd
 from data_pipeline.tokenize.config import TokenizeConfig, check_config
 from data_pipeline.tokenize.stages import (
@@ -68,10 +68,23 @@ class _Ctx(resumable.JobContext):
 # --------------------------------------------------------------------------------------------
 
 
-def _captions_task(item: dict, *, limits, storage) -> list[dict]:
-    rows = read_shard_rows(item["uri"], limits, storage=storage)
-    return [{"i": item["i"], C.SEQ: r[C.SEQ], C.CAPTION: r[C.CAPTION]}
-            for r in rows if not r[C.REASON]]  # fmt: skip
+def _captions_task(item: dict, *, limits, storage, k: int = 500_000) -> list[dict]:
+    """One shard's share of the BPE sample: its bottom-k captions (`CaptionSample`), each row
+    also carrying the shard's caption count `n`."""
+    rows = read_shard_rows(item["uri"], limits, storage=storage, sidecar=False)
+    sample = CaptionSample(k)
+    for r in rows:
+        if not r[C.REASON]:
+            sample.add((item["i"], r[C.SEQ]), r[C.CAPTION])
+    return [{"i": item["i"], C.SEQ: ident[1], "h": h, C.CAPTION: c, "n": sample.seen}
+            for h, ident, c in sample.items()]  # fmt: skip
+
+
+def driver_peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
 
 def _text_tokenizer(ctx: _Ctx) -> TextTokenizer:
@@ -88,17 +101,23 @@ def _text_tokenizer(ctx: _Ctx) -> TextTokenizer:
         tok = TextTokenizer.load(fs.resolve(t.path, storage=ctx.cfg.storage))
     elif t.kind == "open_clip":
         tok = TextTokenizer.open_clip(t.text_len)
-    else:  # train a BPE on the captions of the first `train_shards` shards, in shard order
+    else:  # train a BPE on a sample of the captions of the first `train_shards` shards
         uris = ctx.shards[: t.train_shards or None]
         items = [{"i": i, "uri": u} for i, u in enumerate(uris)]
+        k = t.train_captions
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            _captions_task, fn_kwargs={"limits": ctx.limits, **ctx.storage}
+            _captions_task, fn_kwargs={"limits": ctx.limits, **ctx.storage, "k": k}
         )
-        rows = sorted(ds.iter_rows(), key=lambda r: (r["i"], r[C.SEQ]))
-        ctx.log(f"tokenize: training a {t.vocab_size}-id BPE on {len(rows)} caption(s)")
-        tok = TextTokenizer.train(
-            [r[C.CAPTION] for r in rows], t.vocab_size, t.text_len, lowercase=t.lowercase
-        )
+        sample, total = CaptionSample(k), {}
+        for r in ds.iter_rows():  # streamed: the driver holds at most k captions
+            sample.add((r["i"], r[C.SEQ]), r[C.CAPTION], rank=r["h"])
+            total[r["i"]] = r["n"]
+        n = sum(total.values())
+        ctx.log(f"tokenize: training a {t.vocab_size}-id BPE on {len(sample)} of {n} caption(s) "
+                f"(text_tokenizer.train_captions={k}); driver peak RSS "
+                f"{driver_peak_rss_gib():.2f} GiB")  # fmt: skip
+        tok = TextTokenizer.train(sample.captions(), t.vocab_size, t.text_len,
+                                  lowercase=t.lowercase)  # fmt: skip
     if ctx.cfg.pretrained:
         if tok.kind != "clip_folder":
             raise ValueError(f"{loc.uri}: holds a {tok.kind} tokenizer, not the pipeline's")
@@ -121,11 +140,24 @@ def _text_encoder_spec(cfg: TokenizeConfig) -> TextEncoderSpec:
     return TextEncoderSpec(
         model=e.model,
         model_config=load_model_config_file(e.model_config) if e.model_config else None,
-        checkpoint=os.path.abspath(e.checkpoint) if e.checkpoint else "",
+        checkpoint=fs.absolute_uri(e.checkpoint),
         batch_size=e.batch_size,
         threads=max(1, int(e.num_cpus)),
+        checkpoint_activation=e.checkpoint_activation,
+        storage=cfg.storage,
         pretrained=sd.absolute(cfg.pretrained),
     )
+
+
+def _text_encoder_sha256(spec: TextEncoderSpec) -> str:
+    """Fetch (s3://) and check the text encoder's checkpoint once, on the driver: its sha256."""
+    from trainer.pretrained.clip_models import ClipSpec, check_checkpoint
+
+    if not spec.checkpoint:
+        return ""
+    clip_spec = ClipSpec(spec.model, spec.model_config, spec.checkpoint, spec.batch_size, 1,
+                         spec.checkpoint_activation, spec.storage)  # fmt: skip
+    return check_checkpoint(clip_spec, what="text_encoder.checkpoint").sha256
 
 
 def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
@@ -186,7 +218,7 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
                 "model": spec.model,
                 "checkpoint": spec.checkpoint,  # absolute: encodes prompts at sampling
                 "model_config": spec.model_config,
-                "checkpoint_sha256": fs.file_digest(spec.checkpoint)[1] if spec.checkpoint else "",
+                "checkpoint_sha256": _text_encoder_sha256(spec),
             },
         )
     return body
@@ -408,5 +440,6 @@ def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
     manifest = _finalize(ctx, body)
     DataStageMetrics("tokenize", out.uri).quarantined(manifest["quarantine"]["reasons"])
     log(f"tokenize: done in {time.perf_counter() - t0:.1f}s: {manifest['rows']} row(s) in "
-        f"{len(manifest['shards'])} file(s) -> {out.uri}")  # fmt: skip
+        f"{len(manifest['shards'])} file(s) -> {out.uri}; "
+        f"driver_peak_rss_gib={driver_peak_rss_gib():.3f}")  # fmt: skip
     return manifest

@@ -47,9 +47,11 @@ class TextEncoderSpec:
 
     model: str
     model_config: dict | None
-    checkpoint: str
+    checkpoint: str  # local path or s3:// (fetched once per node); "": random weights
     batch_size: int
     threads: int
+    checkpoint_activation: str = "auto"  # see `clip_models.ClipSpec`
+    storage: object | None = None  # the job's StorageConfig, for an s3:// checkpoint
     # a Stable Diffusion pipeline folder (or a CLIPTextModel folder): its CLIPTextModel encodes,
     # as its pipeline does (`trainer.pretrained.diffusers_sd`); `model`... are then unused
     pretrained: str = ""
@@ -194,12 +196,12 @@ class EmbedText:
         if spec.pretrained:  # SD: CLIPTextModel last_hidden_state, no mask unless configured
             from trainer.pretrained.diffusers_sd import load_text_encoder, local_copy
 
-            storage = getattr(spec, "storage", None)
-            root = local_copy(spec.pretrained, storage, what="pretrained").path
+            root = local_copy(spec.pretrained, spec.storage, what="pretrained").path
             self.sd = load_text_encoder(root, self.device)
             return
-        clip_spec = ClipSpec(spec.model, spec.model_config, spec.checkpoint, spec.batch_size, 1)
-        self.model = build_clip(clip_spec, self.device)[0]
+        clip_spec = ClipSpec(spec.model, spec.model_config, spec.checkpoint, spec.batch_size, 1,
+                             spec.checkpoint_activation, spec.storage)  # fmt: skip
+        self.model = build_clip(clip_spec, self.device, what="text_encoder.checkpoint")[0]
 
     def encode(self, tokens: np.ndarray) -> np.ndarray:
         import torch

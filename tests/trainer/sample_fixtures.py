@@ -196,4 +196,5 @@ def sample_config(inputs: dict[str, str], out, *overrides: str) -> SampleConfig:
     base = [f"{k}={v}" for k, v in inputs.items()]
     base += [f"output={out}", f"sample.prompts={json.dumps(DIGIT_PROMPTS[:3])}"]
     base += ["sample.candidates=3", "sample.keep=2", "precision=fp32", "num_cpus=1"]
+    base += ["clip.allow_random=true"]  # the reranker's tiny CLIP has random weights
     return load_config(SampleConfig, None, base + list(overrides))

@@ -221,7 +221,7 @@ def digits_latents(ray_local, tmp_path_factory):
         "image_size=32", "text_tokenizer.kind=open_clip", f"text_tokenizer.text_len={LDM_TEXT_LEN}",
         f"image_tokenizer.path={make_klae(root / 'klae')}", "image_tokenizer.batch_size=32",
         "text_encoder.model=tiny_clip", f"text_encoder.model_config={root / 'tiny_clip.json'}",
-        "text_encoder.batch_size=32",
+        "text_encoder.batch_size=32", "text_encoder.allow_random=true",
     ])  # fmt: skip
     manifest = run_tokenize(cfg, log=lambda *_: None)
     assert manifest["version"] == T.LATENT_VERSION and manifest["rows"] == 180

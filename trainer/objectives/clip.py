@@ -17,19 +17,12 @@ TEXT = "text"  # int64 (B, context_length): open_clip BPE tokens
 
 
 def open_clip_arch(model: str, model_config: str) -> dict:
-    """Register a custom architecture JSON (if given) in this process; return the architecture."""
-    import open_clip
+    """Register a custom architecture JSON (if given) in this process; return the architecture
+    (`trainer.pretrained.clip_models`, the one home of open_clip loading)."""
+    from trainer.pretrained import clip_models
 
-    from data_pipeline.clip_score import load_model_config_file, register_model_config
-
-    if model_config:
-        register_model_config(model, load_model_config_file(model_config))
-    arch = open_clip.get_model_config(model)
-    if arch is None:
-        raise ValueError(
-            f"clip.model: unknown open_clip model {model!r} (and no clip.model_config)"
-        )
-    return arch
+    custom = clip_models.load_model_config_file(model_config) if model_config else None
+    return clip_models.open_clip_arch(model, custom)
 
 
 class ClipTokenize:

@@ -11,6 +11,7 @@ Output (local dir or s3://):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -49,12 +50,16 @@ def download_local(loc: fs.Location, tmp: str) -> str:
 
 
 def clip_spec(cfg: RerankClipSection, storage: StorageConfig, tmp: str, threads: int):
-    """The `ClipSpec` of the rerank model; a run/checkpoint dir or S3 file becomes a local file."""
-    from data_pipeline.clip_score import ClipSpec
+    """The `ClipSpec` of the rerank model: a run/checkpoint dir becomes its exported weights file,
+    an s3:// file is fetched once per node (`fs.fetch_checkpoint`), and the weights are checked
+    against the model (the OpenAI QuickGELU trap) before any candidate is drawn."""
+    from data_pipeline.config import load_config
     from trainer.checkpoint import find_exported
+    from trainer.config import TrainConfig
     from trainer.models.image_tokenizer import CONFIG, WEIGHTS
+    from trainer.pretrained.clip_models import ClipSpec, check_checkpoint, open_clip_arch
 
-    checkpoint = ""
+    checkpoint, activation = "", cfg.checkpoint_activation
     if cfg.checkpoint:
         loc = fs.resolve(cfg.checkpoint, storage=storage)
         kind = loc.fs.get_file_info(loc.path).type
@@ -62,9 +67,19 @@ def clip_spec(cfg: RerankClipSection, storage: StorageConfig, tmp: str, threads:
             raise FileNotFoundError(f"clip.checkpoint: no such file or directory {loc.uri}")
         if kind == pafs.FileType.Directory:  # a CLIP `t2i train` run or checkpoint
             loc = find_exported(loc, weights=WEIGHTS, config=CONFIG, what="CLIP model")
+            run = load_config(TrainConfig, download_local(loc.join(CONFIG), tmp), require=False,
+                              migrate=True)  # fmt: skip
+            if activation == "auto" and run.clip.model == cfg.model:
+                # trained by `t2i train` as this very architecture: its activation is the model's
+                arch = open_clip_arch(cfg.model, cfg.load_model_config())
+                activation = "quick_gelu" if arch.get("quick_gelu") else "gelu"
             loc = loc.join(WEIGHTS)
-        checkpoint = download_local(loc, tmp)
-    return ClipSpec(cfg.model, cfg.load_model_config(), checkpoint, cfg.batch_size, threads)
+        checkpoint = loc.uri
+    spec = ClipSpec(cfg.model, cfg.load_model_config(), checkpoint, cfg.batch_size, threads,
+                    activation, storage)  # fmt: skip
+    if checkpoint:
+        spec = dataclasses.replace(spec, checkpoint=check_checkpoint(spec).path)
+    return spec
 
 
 def load_exported(path: str, storage: StorageConfig, objective: str, what: str):

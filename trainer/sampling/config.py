@@ -45,8 +45,13 @@ class RerankClipSection(OpenClipSection):
     model_config: str = "jobs/configs/clip_digits_tiny.json"
     enabled: bool = True  # False: keep the first `keep` candidates, clip_score is null
     # `t2i train` CLIP run or checkpoint dir (its model.safetensors), or an open_clip checkpoint
-    # file; local or s3://. "": random weights (tests and benchmarks only: scores mean nothing).
+    # file; local or s3:// (fetched once per node). "": random weights: scores mean nothing, so
+    # refused unless allow_random (tests, benchmarks).
     checkpoint: str = ""
+    allow_random: bool = False
+    # what the weights were trained with: auto (read from the checkpoint; an OpenAI-layout file
+    # that does not say is refused under a GELU model), gelu or quick_gelu (OpenAI's weights)
+    checkpoint_activation: Literal["auto", "gelu", "quick_gelu"] = "auto"
     batch_size: int = 64  # images per CLIP forward pass
 
 
@@ -79,6 +84,12 @@ class SampleConfig:
 
 def check_config(cfg: SampleConfig) -> None:
     """Raise ValueError naming the first inconsistent sampling value."""
+    if cfg.clip.enabled and not cfg.clip.checkpoint and not cfg.clip.allow_random:
+        raise ValueError(
+            "clip.checkpoint is empty: the reranking CLIP would have RANDOM weights and its "
+            "scores would mean nothing; name a checkpoint, set clip.enabled=false, or set "
+            "clip.allow_random=true (tests, benchmarks)"
+        )
     for key in ("tokens", "image_tokenizer"):
         if cfg.recipe == "ar" and not getattr(cfg, key):
             raise ValueError(f"missing required value '{key}' (recipe=ar)")
