@@ -32,7 +32,9 @@ def absolutize(cfg: TrainConfig) -> TrainConfig:
             cfg.checkpoint, storage_path=fix(cfg.checkpoint.storage_path)
         ),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path)),
-        ldm=dataclasses.replace(cfg.ldm, autoencoder=fix(cfg.ldm.autoencoder)),
+        ldm=dataclasses.replace(
+            cfg.ldm, autoencoder=fix(cfg.ldm.autoencoder), init_from=fix(cfg.ldm.init_from)
+        ),
         clip=dataclasses.replace(cfg.clip, model_config=fix(cfg.clip.model_config)),
         vqgan_train=dataclasses.replace(
             cfg.vqgan_train,

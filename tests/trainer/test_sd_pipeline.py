@@ -295,3 +295,15 @@ def test_a_broken_folder_fails_with_one_line_naming_the_file(sd_dir, sd_latents,
         LdmObjective(cfg).manifest()
     assert "\n" not in str(e.value) and f"{wide}/unet/config.json" in str(e.value)
     assert "32" in str(e.value) and "48" in str(e.value)
+
+
+def test_init_from_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from trainer.config import TrainConfig
+    from trainer.launch import absolutize
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(name="x", objective="ldm")
+    cfg.ldm.init_from = "runs/sd/tiny-sd"
+    assert absolutize(cfg).ldm.init_from == str(tmp_path / "runs/sd/tiny-sd")
+    cfg.ldm.init_from = "s3://bucket/sd"
+    assert absolutize(cfg).ldm.init_from == "s3://bucket/sd"
