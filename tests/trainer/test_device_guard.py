@@ -15,6 +15,10 @@ layer call) and fails on any tensor that is not on the device the run declares:
 
 torch's object collectives (`broadcast_object_list`, `all_gather_object`) pick their device from
 the group's backend themselves and are not checked.
+
+The last section runs every objective's loss (fp32, bf16, fp16), the AR and LDM samplers' steps
+and the EMA update with model and batch on a non-CPU device (`lazy`, or `meta` where nothing
+data-dependent runs): a CPU tensor mixed into a loss fails there as it fails on CUDA.
 """
 
 from __future__ import annotations
@@ -467,3 +471,221 @@ def test_a_checkpoint_damaged_on_another_rank_is_skipped_by_every_rank(tmp_path)
     are fine): both ranks skip it alike and resume from step 2."""
     got = resume_two_ranks(tmp_path, failing_rank=-1, damaged=True)
     assert got == [{"step": 2, "loaded": 1}, {"step": 2, "loaded": 1}]
+
+
+# ---- every objective's loss, sampler step and EMA on a non-CPU device ---------------------------
+#
+# Ray Train hands a GPU worker its batches on the GPU (`iter_torch_batches` device "auto"); a
+# constant an objective builds on the CPU then meets CUDA tensors and the first step fails. On
+# torch's `lazy` device the same mix fails the same way ("Input tensor is not a lazy tensor"), so
+# these tests run each objective's real loss + backward, each sampler and the EMA there: model,
+# batch and loss on `lazy`, with the collectives they call checked by the guard.
+
+
+@pytest.fixture
+def lazy_ops(lazy, monkeypatch):
+    """Two gaps of torch 2.14's lazy TorchScript backend, bridged for these tests only (neither
+    hides a device mix: each still runs on, and requires, lazy tensors): a convolution or matmul
+    fed by a `chunk`/`unbind` output fails with "Input tensor is not a lazy tensor" even when
+    every input is lazy (`narrow` slices work), and `convolution_backward` asserts when asked
+    for the weight gradient alone (`torch.nn.grad.conv2d_weight`)."""
+    from torch.nn.modules.utils import _pair
+
+    chunk = torch.Tensor.chunk
+
+    def lazy_chunk(t, chunks, dim=0):
+        if t.device.type != "lazy":
+            return chunk(t, chunks, dim)
+        n = t.shape[dim]
+        step = -(-n // chunks)
+        return tuple(t.narrow(dim, s, min(step, n - s)) for s in range(0, n, step))
+
+    def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1):
+        weight = input.new_zeros(weight_size)
+        return torch.ops.aten.convolution_backward(
+            grad_output, input, weight, [weight_size[0]], _pair(stride), _pair(padding),
+            _pair(dilation), False, [0, 0], groups, [True, True, True],
+        )[1]  # fmt: skip
+
+    unbind = torch.Tensor.unbind
+
+    def lazy_unbind(t, dim=0):
+        if t.device.type != "lazy":
+            return unbind(t, dim)
+        return tuple(t.select(dim, i) for i in range(t.shape[dim]))
+
+    monkeypatch.setattr(torch.Tensor, "unbind", lazy_unbind)
+    monkeypatch.setattr(torch.Tensor, "chunk", lazy_chunk)
+    monkeypatch.setattr(torch, "chunk", lazy_chunk)
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", conv2d_weight)
+    return lazy
+
+
+class LazyEngine:
+    """What an objective's `loss` uses of a DeepSpeed engine: `engine(...)` and `.module`."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module, self.device = module, device
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def lazy_batch(objective, cfg: TrainConfig, device, b: int = 4) -> dict[str, torch.Tensor]:
+    """A micro-batch of `objective` as Ray Train delivers it: every column on `device`."""
+    from data_pipeline import token_dataset as T
+
+    g = torch.Generator().manual_seed(0)
+    if cfg.objective == "dalle":
+        m = cfg.dalle
+        batch = {
+            T.TEXT_TOKENS: torch.randint(1, m.text_vocab, (b, m.text_len), generator=g),
+            T.IMAGE_CODES: torch.randint(0, m.image_vocab, (b, m.image_grid**2), generator=g),
+        }
+    elif cfg.objective == "ldm":
+        c, h, w = cfg.unet.latent_shape
+        batch = {
+            T.LATENT: torch.randn(b, c, h, w, generator=g).half(),
+            T.TEXT_EMBEDDING: torch.randn(b, 8, cfg.unet.cross_attention_dim, generator=g),
+            T.TEXT_MASK: torch.ones(b, 8, dtype=torch.bool),
+        }
+    else:
+        size = objective.image_size if cfg.objective == "clip" else cfg_image_size(cfg)
+        batch = {PIXELS: torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g)}
+        if cfg.objective == "clip":
+            from trainer.objectives.clip import TEXT
+
+            batch[TEXT] = torch.randint(1, 100, (b, objective.context), generator=g)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def cfg_image_size(cfg: TrainConfig) -> int:
+    return getattr(cfg, cfg.objective).image_size
+
+
+def assert_on(device, loss, metrics):
+    assert loss.device.type == device.type, loss.device
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            assert v.device.type == device.type, f"metric {k} on {v.device}"
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (objective, device, precision). `lazy` computes (on this CPU, through TorchScript): objectives
+# with data-dependent ops (code histograms, dead-code restarts) run there, in fp32 (each extra
+# graph costs seconds). `meta` computes nothing and costs nothing: the U-Net, CLIP and KL-AE run
+# there in all three precisions. On both, a non-0-dim CPU tensor mixed in raises, as on CUDA.
+DEVICE_CASES = [
+    ("dalle", "lazy", "fp32"),
+    ("dalle", "lazy", "bf16"),
+    ("dalle", "lazy", "fp16"),
+    ("dvae", "lazy", "fp32"),
+    ("vqgan", "lazy", "fp32"),
+    *[(o, "meta", p) for o in ("ldm", "clip", "klae") for p in PRECISIONS],
+]
+
+
+def test_the_device_cases_cover_every_objective_and_precision():
+    from trainer.objectives import OBJECTIVES
+
+    assert {c[0] for c in DEVICE_CASES} == set(OBJECTIVES)
+    assert {c[2] for c in DEVICE_CASES} == set(PRECISIONS)
+
+
+@pytest.mark.parametrize("objective,device,precision", DEVICE_CASES)
+def test_every_objective_loss_runs_on_a_non_cpu_device(
+    world_of_one, lazy, lazy_ops, monkeypatch, tmp_path, objective, device, precision
+):
+    """Model (in the run's precision), batch, loss, metrics and gradients all on a non-CPU
+    device: a CPU constant in any loss (clip's mean/std and label arange before) fails here."""
+    from trainer.engine import MODEL
+    from trainer.objectives import build_objective
+
+    dev = torch.device(device, 0) if device == "lazy" else torch.device(device)
+    cfg = objective_config(objective, tmp_path, tmp_path / "unused")
+    obj = build_objective(cfg)
+    torch.manual_seed(0)
+    dtype = PRECISIONS[precision]
+    if hasattr(obj, "parts"):
+        parts = {p: m.to(dev, dtype) for p, m in obj.build_parts().items()}
+        engines = {p: LazyEngine(m, dev) for p, m in parts.items()}
+        monkeypatch.setattr("trainer.objectives.vqgan.set_full_param", _copy_param)
+    else:
+        model = obj.build_model().to(dev, dtype)
+        engines = {MODEL: LazyEngine(model, dev)}
+    for cb in getattr(obj, "callbacks", ()):
+        if hasattr(cb, "on_engines"):
+            cb.on_engines(engines, 0, 1)
+    batch = lazy_batch(obj, cfg, dev)
+    if hasattr(obj, "on_step"):
+        obj.on_step(1)
+    with CollectiveGuard(dev) as guard:
+        for part in getattr(obj, "parts", (None,)):
+            if part is None:
+                loss, metrics = obj.loss(engines[MODEL], batch)
+            else:
+                loss, metrics = obj.loss(engines, batch, part)
+            assert_on(dev, loss, metrics)
+            loss.backward()  # (lazy records ops; a device mix fails as it is recorded)
+        ema = getattr(obj, "ema", None)
+        if ema is not None:  # ldm's EMA: its update and checkpoint state
+            ema.on_step_end(engines, 1)
+            assert ema.shadow and all(t.device.type == device for t in ema.shadow.values())
+    grads = [p.grad for e in engines.values() for p in e.module.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == device for g in grads)
+    assert guard.errors == []
+    if objective == "vqgan":  # the dead-code restart's collectives ran, on the device
+        assert [c[0] for c in guard.calls] == ["all_reduce", "broadcast"]
+
+
+def test_ar_sampler_steps_on_a_non_cpu_device(lazy, lazy_ops):
+    """KV-cache prefill, decode steps and the top-k/top-p draw with the model and the text on
+    `lazy` (recorded, not run: a device mix fails as it is recorded)."""
+    from trainer.models.dalle import DalleTransformer, dalle_preset
+    from trainer.sampling.ar import sample_codes
+
+    torch.manual_seed(0)
+    model = DalleTransformer(dalle_preset("tiny", image_grid=2, depth=2)).eval()
+    c = model.cfg
+    text = torch.randint(1, c.text_vocab, (2, c.text_len), generator=torch.Generator().manual_seed(1))
+    got = sample_codes(model.to(lazy), text.to(lazy), [5, 6], top_k=8, top_p=0.9)
+    assert got.device.type == "lazy" and got.shape == (2, c.image_len)
+
+
+class EpsModel(torch.nn.Module):
+    """A stand-in U-Net (the sampler's contract: (z_t, t, text, mask) -> eps); it checks that
+    every input is on its parameter's device."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, z, t, text, mask):
+        for x in (z, t, text, mask):
+            assert x.device == self.w.device, x.device
+        return z * self.w + text.float().mean() * mask.float().mean() + t.float().mean() * 1e-4
+
+
+def test_ldm_sampler_steps_on_a_non_cpu_device(lazy):
+    """DDIM with classifier-free guidance: latents, timesteps, text and masks handed to the model
+    on its device, the result on it too."""
+    from trainer.diffusion import NoiseSchedule
+    from trainer.sampling.ldm import build_scheduler, sample_latents
+
+    sched = build_scheduler("ddim", NoiseSchedule().scheduler_config("epsilon"))
+    model = EpsModel().to(lazy)
+    text = torch.randn(2, 3, 4).to(lazy)
+    mask = torch.ones(2, 3, dtype=torch.bool).to(lazy)
+    z = sample_latents(
+        model,
+        sched,
+        text,
+        mask,
+        torch.zeros(3, 4).to(lazy),
+        torch.ones(3, dtype=torch.bool).to(lazy),
+        latent_shape=(2, 2, 2),
+        steps=2,
+        guidance=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+    )
+    assert z.device.type == "lazy" and z.shape == (2, 2, 2, 2)
