@@ -26,3 +26,17 @@ def assigned_device() -> str:
     if ray.is_initialized() and ray.get_gpu_ids():
         return "cuda"
     return "cpu"
+
+
+def enable_tf32(device: str | object) -> bool:
+    """On a CUDA device, let fp32 matmuls use TF32 tensor cores (`torch.set_float32_matmul_precision
+    ("high")`; cuDNN convolutions already do by default): 8x the fp32 throughput on A100/H100 at
+    a 10-bit mantissa inside the product, what fp32 training on GPUs uses. bf16/fp16 runs are
+    unaffected. A CPU process is left alone (its fp32 results stay bit-exact). Call it where a
+    GPU worker or actor starts; returns whether it was turned on."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True

@@ -21,6 +21,7 @@ import torch
 
 from data_pipeline import fs
 from data_pipeline.config import from_dict
+from data_pipeline.devices import enable_tf32
 from trainer import checkpoint as ckpt_io
 from trainer.callbacks import NonFiniteGuard
 from trainer.config import TrainConfig
@@ -50,6 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(TrainConfig, config["cfg"], source="train_loop_per_worker")
     # The device follows Ray's reservation; set before CUDA initialises or DeepSpeed is imported.
     device = apply_worker_device(cfg.scaling.use_gpu)
+    enable_tf32(device)  # fp32 matmuls on TF32 tensor cores on a GPU worker (no-op on CPU)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Where each rank runs (tests and operators check the placement strategy from these lines).

@@ -179,3 +179,15 @@ def test_sampling_and_eval_request_the_configured_gpus(monkeypatch):
     with pytest.raises(Stop):
         run_as_ray_task(lambda d: d, SimpleNamespace(), num_cpus=1, num_gpus=1)
     assert asked["num_gpus"] == 1
+
+
+def test_tf32_only_on_cuda():
+    from data_pipeline.devices import enable_tf32
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not enable_tf32("cpu") and torch.get_float32_matmul_precision() == "highest"
+        assert enable_tf32("cuda") and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data_pipeline.config import from_dict
-from data_pipeline.devices import assigned_device
+from data_pipeline.devices import assigned_device, enable_tf32
 from trainer.progress import Progress
 from trainer.sampling.ar import ArGenerator
 from trainer.sampling.common import (
@@ -84,7 +84,9 @@ class SampleWorker:
         self.cfg = from_dict(SampleConfig, cfg_dict)  # rebuilt here: never driver globals
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
         self.prompts = prompts
-        self.gen = GENERATORS[self.cfg.recipe](self.cfg, prompts, device_for_this_process())
+        device = device_for_this_process()
+        enable_tf32(device)  # fp32 matmuls on TF32 tensor cores where Ray gave this actor a GPU
+        self.gen = GENERATORS[self.cfg.recipe](self.cfg, prompts, device)
 
     def generate(self, rows: list[tuple[int, int]]):
         return self.gen(rows)
