@@ -110,3 +110,12 @@ def build_tiny_sd(folder: str, *, seed: int = 0, safe: bool = True):
     )  # fmt: skip
     pipe.save_pretrained(folder, safe_serialization=safe)
     return pipe
+
+
+if __name__ == "__main__":  # a tiny random pipeline to try the README's SD commands with
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tests.trainer.sd_fixtures OUT_DIR")
+    build_tiny_sd(sys.argv[1])
+    print(f"tiny Stable Diffusion pipeline (random weights) in {sys.argv[1]}")
