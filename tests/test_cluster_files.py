@@ -71,7 +71,8 @@ def test_aws_every_node_gets_the_same_token_from_secrets_manager():
     # Every `ray start` runs with token auth; nobody generates a second, different token.
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     for cmd in (c for c in starts if "ray start" in c):
-        assert cmd.startswith("RAY_AUTH_MODE=token ray start"), cmd
+        env, _, rest = cmd.partition("ray start")
+        assert env.startswith("RAY_AUTH_MODE=token ") and re.fullmatch(r"(\w+=\S+ )+", env), cmd
     assert "--generate" not in text and "get-auth-token" not in text
     # The head's dashboard stays on localhost (reached through `ray dashboard`'s SSH tunnel).
     assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
@@ -85,9 +86,11 @@ def test_aws_images_and_instance_types_are_parameters():
     assert {n["node_config"]["InstanceType"] for n in nodes.values()} == {
         params["head_instance_type"],
         params["gpu_instance_type"],
+        params["h100_instance_type"],
         params["cpu_instance_type"],
     }
-    assert nodes["gpu_worker"]["node_config"]["ImageId"] == params["gpu_image_id"]
+    for name in ("gpu_worker", "gpu_worker_h100"):
+        assert nodes[name]["node_config"]["ImageId"] == params["gpu_image_id"]
     for name in ("head", "cpu_worker"):
         assert nodes[name]["node_config"]["ImageId"] == params["cpu_image_id"]
     for key in ("gpu_image_id", "cpu_image_id"):
@@ -101,6 +104,48 @@ def test_aws_images_and_instance_types_are_parameters():
         assert re.search(rf"^#\s+{key}\s", text, re.M), f"{key} is not documented"
     for node in nodes.values():
         assert node["node_config"]["IamInstanceProfile"] == params["instance_profile"]
+
+
+# EFA network cards per GPU instance type (AWS: p4d.24xlarge 4, p5.48xlarge 32)
+EFA_CARDS = {"p4d.24xlarge": 4, "p5.48xlarge": 32}
+
+
+def test_aws_gpu_nodes_have_efa_on_every_card_in_a_cluster_placement_group():
+    """p4d and p5 node types: one EFA interface per network card (card 0 the primary, the rest
+    EFA-only), every interface with the GPU subnet and the EFA security group (Ray's own
+    NetworkInterfaces bootstrap accepts them), all in the cluster placement group; NCCL's EFA
+    settings reach Ray's workers; training configs PACK their workers."""
+    from ray.autoscaler._private.aws.config import (
+        _configure_subnets_and_groups_from_network_interfaces,
+    )
+
+    cfg = aws()
+    params = cfg["metadata"]["parameters"]
+    gpu_types = {n: t for n, t in cfg["available_node_types"].items() if n.startswith("gpu")}
+    assert {t["node_config"]["InstanceType"] for t in gpu_types.values()} == set(EFA_CARDS)
+    for name, t in gpu_types.items():
+        nc = t["node_config"]
+        nics = nc["NetworkInterfaces"]
+        assert [n["NetworkCardIndex"] for n in nics] == list(range(EFA_CARDS[nc["InstanceType"]]))
+        assert [(n["DeviceIndex"], n["InterfaceType"]) for n in nics] == [(0, "efa")] + [
+            (1, "efa-only")
+        ] * (len(nics) - 1), name
+        for n in nics:
+            assert n["SubnetId"] == params["gpu_subnet_id"]
+            assert n["Groups"] == [params["efa_security_group"]]
+        assert nc["Placement"] == params["gpu_placement_group"]
+        bootstrapped = _configure_subnets_and_groups_from_network_interfaces(nc)
+        assert bootstrapped["SubnetIds"] == [params["gpu_subnet_id"]] * len(nics)
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert "--strategy cluster" in text  # how to create the placement group is documented
+    worker_start = " ".join(cfg["worker_start_ray_commands"])
+    assert "FI_PROVIDER=efa" in worker_start and "FI_EFA_USE_DEVICE_RDMA=1" in worker_start
+    from data_pipeline.config import load_config
+    from trainer.config import TrainConfig
+
+    for name in ("dalle_1b3.yaml", "dalle_12b.yaml", "dalle_350m.yaml"):
+        train = load_config(TrainConfig, REPO / "jobs" / "configs" / name)
+        assert train.scaling.placement_strategy == "PACK", name
 
 
 def test_aws_token_script_writes_a_private_file_and_never_prints_the_token(tmp_path):
@@ -294,3 +339,28 @@ def test_kuberay_job_entrypoint_runs_a_t2i_command_with_a_real_config(name, comm
             gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
         )
         assert cfg.scaling.use_gpu and gpu["replicas"] * per_pod >= cfg.scaling.num_workers
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-train.yaml"])
+def test_kuberay_training_gpu_pods_have_what_nccl_needs(name):
+    """The GPU pods that train (NCCL between pods): EFA devices from the EFA device plugin,
+    IPC_LOCK (EFA pins memory for RDMA), a memory-backed /dev/shm (NCCL's intra-node buffers;
+    the container default is 64 MiB), and NCCL/libfabric set to use EFA."""
+    spec = cluster_spec(manifest(name))
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    pod = gpu["template"]["spec"]
+    c = pod["containers"][0]
+    for k in ("limits", "requests"):
+        assert int(c["resources"][k]["vpc.amazonaws.com/efa"]) >= 1, k
+    assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"]
+    shm = {m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"}
+    assert any(v["name"] in shm and v["emptyDir"]["medium"] == "Memory" for v in pod["volumes"])
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+
+
+def test_dockerfile_copies_what_the_jobs_run():
+    text = (CLUSTER / "kuberay" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", text, re.M))
+    assert {"data_pipeline", "trainer", "jobs", "benchmarks"} <= copied  # gpu_smoke runs in it
+    assert "efa_installer.sh" in text  # libfabric + aws-ofi-nccl for NCCL over EFA
