@@ -689,3 +689,19 @@ def test_ldm_sampler_steps_on_a_non_cpu_device(lazy):
         generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
     )
     assert z.device.type == "lazy" and z.shape == (2, 2, 2, 2)
+
+
+def test_gpu_smoke_refuses_without_cuda_and_checks_its_arguments(capsys, monkeypatch):
+    """benchmarks/gpu_smoke.py runs only on CUDA; without it, it refuses (exit 2, never the ok
+    line)."""
+    from benchmarks import gpu_smoke
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    assert gpu_smoke.parse_args([]).precisions == ["bf16", "fp16"]
+    assert gpu_smoke.parse_args(["--precisions", "fp16"]).precisions == ["fp16"]
+    with pytest.raises(SystemExit):
+        gpu_smoke.parse_args(["--precisions", "fp8"])
+    assert gpu_smoke.main([]) == 2
+    out = capsys.readouterr().out
+    assert "refused" in out and "gpu_smoke_ok" not in out
