@@ -46,7 +46,11 @@ AttnImpl = Literal["auto", "sparse", "sdpa", "matmul"]
 
 # impl "auto" computes a sparse layer of at most this many input positions with its dense (S, S)
 # mask (module docstring). 1024 keeps every mask at <= 1 Mi booleans and the scores at
-# B * H * 1 Mi elements; the paper's sequence (256 text + 32 x 32 image = 1280) stays blockwise.
+# B * H * 1 Mi elements; the paper's sequence (256 text + 32 x 32 image = 1280) stays blockwise,
+# and so does 64 + 32 x 32 = 1088, where docs/benchmarks.md measured blockwise 1.2-1.7x faster
+# than dense. Below it dense was faster (2026-12-06, 2 cores under other load, bf16, one row
+# layer 8 x 64 heads, B=4, forward + backward, best of 8: 320 positions 245 vs 509 ms blockwise,
+# 640: 293 vs 532 ms, 964: 533 vs 989 ms; the digits demo's training step: see the commit log).
 DENSE_MAX_POSITIONS = 1024
 
 
