@@ -191,3 +191,28 @@ def test_tf32_only_on_cuda():
         assert enable_tf32("cuda") and torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_a_cpu_sampling_actor_on_a_gpu_node_picks_a_cpu_precision(monkeypatch):
+    """precision auto follows the device the actor computes on. Before: a CPU actor on a node
+    with a GPU without native bf16 loaded the DALL-E in fp16 (the GPU's choice) on the CPU."""
+    from trainer.sampling import ar
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    dalle = SimpleNamespace(text_len=8, text_vocab=64, image_vocab=16)
+    monkeypatch.setattr(
+        ar, "load_dalle", lambda *a: (torch.nn.Linear(2, 2), SimpleNamespace(dalle=dalle))
+    )
+    monkeypatch.setattr(
+        "data_pipeline.text_tokens.load_text_tokenizer",
+        lambda *a: SimpleNamespace(text_len=8, vocab_size=10),
+    )
+    monkeypatch.setattr(
+        "trainer.pretrained.image_tokenizers.load_image_tokenizer",
+        lambda *a, **k: SimpleNamespace(discrete=True, vocab_size=16, fingerprint="f", kind="x"),
+    )
+    monkeypatch.setattr(ar, "check_same_tokenizer", lambda *a: None)
+    cfg = SimpleNamespace(model="m", storage=None, tokens="t", image_tokenizer="i", precision="auto")
+    model, _, _ = ar.load_ar_models(cfg, "cpu")
+    assert next(model.parameters()).dtype in (torch.bfloat16, torch.float32)

@@ -148,7 +148,9 @@ def load_ar_models(cfg: SampleConfig, device: str):
             f"{m.image_vocab})"
         )
     check_same_tokenizer(cfg, image_tok.fingerprint)
-    model = model.to(DTYPES[resolve_precision(cfg.precision)])  # the KV cache follows it
+    # auto: from the device this actor computes on, not from whether its node has a GPU
+    gpu = torch.device(device).type == "cuda"
+    model = model.to(DTYPES[resolve_precision(cfg.precision, gpu)])  # the KV cache follows it
     return model, text_tok, image_tok
 
 

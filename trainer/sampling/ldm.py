@@ -185,7 +185,7 @@ class LdmGenerator:
                 f"latent dataset) and image_tokenizer= (a pipeline folder needs neither)"
             )
         model, train_cfg, uncond = load_ldm(cfg.model, cfg.storage, device)
-        self.dtype = DTYPES[resolve_precision(cfg.precision)]
+        self.dtype = DTYPES[resolve_precision(cfg.precision, torch.device(device).type == "cuda")]
         self.model, self.train_cfg = model.to(self.dtype), train_cfg
         base = fs.resolve(cfg.tokens, storage=cfg.storage)
         manifest = T.read_latent_manifest(base)
@@ -241,7 +241,7 @@ class LdmGenerator:
         shape = shape_of(released.config)
         model = Unet(shape, released.unet_config)
         load_into(model, released.weights, prefix="unet.")
-        self.dtype = DTYPES[resolve_precision(cfg.precision)]
+        self.dtype = DTYPES[resolve_precision(cfg.precision, torch.device(device).type == "cuda")]
         self.model = model.to(device).eval().to(self.dtype)
         enc = load_text_encoder(root, device)
         for text in prompts:
