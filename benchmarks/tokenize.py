@@ -12,6 +12,13 @@ scales with the data, in one run on the same images.
 
 Weights are random (a freshly initialised dVAE; speed does not depend on them). The last line
 printed is `ratio_vs_model=<float> scale_2x_ratio=<float> samples_per_s=<float>`.
+
+--real: recipe=ldm on real photos at real sizes (256-768 px JPEGs in img2dataset's layout,
+`--images` of them and 4x as many; see benchmarks/real_data.py) at 256 px, through an SD-shaped
+f8 4-channel KL autoencoder (block widths 128/256/512/512, 2 ResNet blocks per level) and
+ViT-B-32's text tower (77 tokens, width 512), random weights; the plan at 1x and 4x against the
+two models alone; the last line is `ratio_vs_model= scale_4x_time= driver_peak_gib=
+object_store_peak_gib=`.
 """
 
 from __future__ import annotations
@@ -100,13 +107,106 @@ def run_model_alone(shards, tokenizer, batch_size, threads) -> tuple[float, int]
     return time.perf_counter() - t0, len(pixels)
 
 
+def build_sd_vae(root: Path) -> str:
+    """A freshly initialised KL autoencoder of Stable Diffusion's VAE shape, as a `t2i train`
+    export (model.safetensors with its scaling factor + config.yaml)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from data_pipeline.config import to_yaml
+    from trainer.config import TrainConfig
+    from trainer.models.klae import SCALE_KEY, KlaeConfig, KlaeTokenizer
+
+    torch.manual_seed(0)
+    cfg = KlaeConfig(image_size=256, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                     latent_channels=4, norm_num_groups=32)  # fmt: skip
+    out = root / "sd-vae"
+    out.mkdir(exist_ok=True)
+    state = {k: v.contiguous() for k, v in KlaeTokenizer(cfg).state_dict().items()}
+    save_file({**state, SCALE_KEY: torch.tensor(0.18215)}, str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(to_yaml(TrainConfig(name="sd-vae", objective="klae",
+                                                         klae=cfg)))  # fmt: skip
+    return str(out)
+
+
+def run_real(args) -> None:
+    """The --real mode (module docstring)."""
+    import numpy as np
+    import ray
+
+    from benchmarks.real_data import build_real, last_line, timed
+    from data_pipeline import columns as C
+    from data_pipeline.config import load_config
+    from data_pipeline.text_tokens import TextTokenizer
+    from data_pipeline.tokenize.config import TokenizeConfig
+    from data_pipeline.tokenize.job import run_tokenize
+    from data_pipeline.tokenize.stages import (
+        DecodeSquare,
+        EmbedText,
+        EncodeImages,
+        ImageEncoderSpec,
+        TextEncoderSpec,
+    )
+    from data_pipeline.webdataset_source import ReaderLimits, read_shard_rows
+
+    bs, threads = args.batch_size, args.threads
+
+    def plan(shards, out, vae):
+        cfg = load_config(TokenizeConfig, None, [
+            f"input={shards}", f"output={out}", "recipe=ldm", "image_size=256",
+            "text_tokenizer.kind=open_clip", "text_tokenizer.text_len=77",
+            f"image_tokenizer.path={vae}", f"image_tokenizer.batch_size={bs}",
+            f"image_tokenizer.num_cpus={threads}", "text_encoder.model=ViT-B-32",
+            f"text_encoder.batch_size={bs}", "text_encoder.num_cpus=1",
+            "text_encoder.allow_random=true",
+        ])  # fmt: skip
+        return run_tokenize(cfg, log=lambda *_: None)["rows"]
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        vae = build_sd_vae(root)
+        small, large = build_real(root, args.images)
+        # Logical CPUs: the VAE actor's threads + the text encoder's 1 + 1 for decode tasks.
+        ray.init(num_cpus=threads + 2, include_dashboard=False, logging_level="error")
+        t1, n1, mem1 = timed(plan, small, root / "out1", vae)
+        print(f"plan 1x: {n1} samples in {t1:.1f}s = {n1 / t1:.2f} samples/s", flush=True)
+        t4, n4, mem4 = timed(plan, large, root / "out4", vae)
+        print(f"plan 4x: {n4} samples in {t4:.1f}s = {n4 / t4:.2f} samples/s", flush=True)
+        ray.shutdown()
+        rows = [r for s in small for r in read_shard_rows(s, ReaderLimits.of())]
+        batch = {k: np.array([r[k] for r in rows], dtype=object) for k in (C.KEY, C.IMAGE)}
+        batch[C.REASON] = np.array([""] * len(rows))
+        batch[C.DETAIL] = np.array([""] * len(rows))
+        pixels = DecodeSquare(256, 10**8)(batch)[C.PIXELS]
+        ids = TextTokenizer.open_clip(77).encode([r[C.CAPTION] for r in rows])
+        images = EncodeImages(ImageEncoderSpec(vae, None, bs, threads))
+        text = EmbedText(TextEncoderSpec(model="ViT-B-32", model_config=None, checkpoint="",
+                                         batch_size=bs, threads=1))  # fmt: skip
+        images.encode(pixels[:bs])  # warm-up, as the actors' first batches are in the plan
+        text.encode(ids[:bs])
+        runs = []  # the machine is shared: timed twice, the faster kept
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for s in range(0, len(pixels), bs):
+                images.encode(pixels[s : s + bs])
+                text.encode(ids[s : s + bs])
+            runs.append(len(pixels) / (time.perf_counter() - t0))
+        model = max(runs)
+        print(f"models: {len(pixels)} samples = {model:.2f} samples/s (runs: "
+              f"{', '.join(f'{r:.2f}' for r in runs)})", flush=True)  # fmt: skip
+    print(last_line((n4 / t4) / model, t1, t4, mem1, mem4))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--n-hid", type=int, default=64, help="dVAE width (model cost per image)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the model actor")
+    p.add_argument("--real", action="store_true", help="real photos, ldm, 1x and 4x (docstring)")
     args = p.parse_args()
+    if args.real:
+        return run_real(args)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
