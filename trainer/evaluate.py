@@ -48,7 +48,7 @@ class EvalConfig:
     output: str = ""  # eval dir (eval.json, cached classifier); "": <samples>/eval
     classifier: ClassifierSection = field(default_factory=ClassifierSection)
     num_cpus: float = 2.0  # the Ray task's CPUs (and torch threads)
-    num_gpus: float = 0.0  # GPUs for the Ray task when the cluster has some (CPU is plenty)
+    num_gpus: float = 0.0  # GPUs of the Ray task, requested as given (CPU is plenty)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
