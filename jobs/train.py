@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.config import to_yaml
     from jobs.common import init_ray
-    from trainer.launch import fit, worker_env
+    from trainer.launch import default_data_cpus, fit, worker_env
 
     cfg = load_job_config(TrainConfig, args)
     print(
@@ -39,11 +39,12 @@ def run(args: argparse.Namespace) -> int:
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision} steps={cfg.steps}"
     )
     s = cfg.scaling
-    # Each worker reserves its CPUs; leave 2 for Ray Data's tasks that feed them.
+    # Each worker reserves its CPUs; the data path reserves its own (at least 2 locally).
+    data = s.data_cpus if s.data_cpus is not None else default_data_cpus(s, cfg.objective)
     init_ray(
         cfg.ray,
         runtime_env={"env_vars": worker_env()},
-        min_cpus=s.num_workers * s.cpus_per_worker + 2,
+        min_cpus=s.num_workers * s.cpus_per_worker + max(2.0, data),
     )
     result = fit(cfg)
     if result.error:
