@@ -8,7 +8,8 @@ model config, or a version it does not know.
 
 The latent dataset (recipe=ldm, version 2) has `latent` (float16 list, C*H*W, already multiplied
 by the KL-AE's scaling factor) and `text_embedding` (float16 list, L*D per-token text states)
-instead of `image_codes`; `text_tokens` give the text mask (ids != text_pad_id). The text
+instead of `image_codes`; `text_tokens` give the text mask (ids != text_pad_id). With
+`text: tokens` in the manifest the rows carry no `text_embedding`: the trainer encodes the ids. The text
 encoder's states for the empty caption — the unconditional branch of classifier-free guidance —
 are stored once in `empty_caption.safetensors`, named with its sha256 in the manifest.
 
@@ -57,7 +58,8 @@ def read_token_dataset(uri: str, *, storage: StorageConfig | None = None):
 
 def read_latent_dataset(uri: str, *, storage: StorageConfig | None = None):
     """(ray.data.Dataset of `latent` (B, C, H, W) and `text_embedding` (B, L, D) float32 arrays
-    and `text_mask` (B, L) bool, manifest) for a latent dataset (`t2i tokenize` recipe=ldm)."""
+    and `text_mask` (B, L) bool, manifest) for a latent dataset (`t2i tokenize` recipe=ldm).
+    A `text: tokens` dataset gives `text_tokens` (B, L) int64 in place of `text_embedding`."""
     import ray.data
 
     base = fs.resolve(uri, storage=storage)
@@ -71,10 +73,23 @@ def read_latent_dataset(uri: str, *, storage: StorageConfig | None = None):
             )
         shapes[col] = tuple(shape)
     paths = [base.join(s["path"]).path for s in manifest["shards"]]
-    columns = [LATENT, TEXT_EMBEDDING, TEXT_TOKENS]
+    stored = latent_text(manifest)
+    if stored == "tokens":  # the rows hold ids only: the trainer's frozen encoder makes states
+        del shapes[TEXT_EMBEDDING]
+    columns = [*shapes, TEXT_TOKENS]
     ds = ray.data.read_parquet(paths, filesystem=base.fs, columns=columns)
     pad = int(manifest["text_pad_id"])
-    return ds.map_batches(_LatentArrays(shapes, pad), batch_format="numpy"), manifest
+    arrays = _LatentArrays(shapes, pad, ids=stored == "tokens")
+    return ds.map_batches(arrays, batch_format="numpy"), manifest
+
+
+def latent_text(manifest: dict[str, Any]) -> str:
+    """What a latent dataset's rows carry for the caption (`t2i tokenize` key `text`): "states"
+    (`text_embedding`, the text encoder's output) or "tokens" (`text_tokens` only)."""
+    text = manifest.get("text", "states")  # datasets written before the key: states
+    if text not in ("states", "tokens"):
+        raise ValueError(f"latent dataset manifest: text={text!r}; expected states or tokens")
+    return text
 
 
 def read_latent_manifest(base: fs.Location) -> dict[str, Any]:
@@ -131,15 +146,18 @@ class _LatentArrays:
     """Flattened fp16 list columns -> (B, *shape) float32 arrays (fp16 on disk halves the I/O),
     and the text mask from the token ids."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], pad_id: int):
-        self.shapes, self.pad_id = shapes, pad_id
+    def __init__(self, shapes: dict[str, tuple[int, ...]], pad_id: int, ids: bool = False):
+        self.shapes, self.pad_id, self.ids = shapes, pad_id, ids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {
             k: np.stack(batch[k]).astype(np.float32).reshape(-1, *shape)
             for k, shape in self.shapes.items()
         }
-        out[TEXT_MASK] = np.stack(batch[TEXT_TOKENS]) != self.pad_id
+        tokens = np.stack(batch[TEXT_TOKENS])  # (B, L)
+        out[TEXT_MASK] = tokens != self.pad_id
+        if self.ids:  # text: tokens
+            out[TEXT_TOKENS] = tokens.astype(np.int64)
         return out
 
 

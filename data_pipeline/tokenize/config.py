@@ -71,6 +71,10 @@ class TokenizeConfig:
     # `text_encoder/` and `tokenizer/` encode images and captions as its pipeline does
     # (text_tokenizer and text_encoder model settings are then not used)
     pretrained: str = ""
+    # recipe=ldm: what the rows carry for the caption. states: the text encoder's per-token
+    # states (L x D fp16; 154 KiB a row for SD 2's 77 x 1024); tokens: only the ids
+    # (`text_tokens`, L int32), the same frozen encoder runs on the training workers each step
+    text: Literal["states", "tokens"] = "states"
     text_tokenizer: TextTokenizerSection = field(default_factory=TextTokenizerSection)
     image_tokenizer: ImageTokenizerSection = field(default_factory=ImageTokenizerSection)
     text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
@@ -95,6 +99,8 @@ def check_config(cfg: TokenizeConfig) -> None:
         )
     if cfg.pretrained and cfg.recipe != "ldm":
         raise ConfigError("pretrained: a pipeline folder is for recipe=ldm")
+    if cfg.text == "tokens" and cfg.recipe != "ldm":
+        raise ConfigError("text=tokens is for recipe=ldm (recipe=ar rows hold only ids anyway)")
     if not cfg.image_tokenizer.path and not cfg.pretrained:
         raise ConfigError(
             "missing required value 'image_tokenizer.path' (or, recipe=ldm, `pretrained:` a "

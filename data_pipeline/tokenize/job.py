@@ -236,7 +236,11 @@ def _write_empty_caption(ctx: _Ctx, text: TextTokenizer) -> dict:
     length = text.text_len
     data = T.empty_caption_bytes(states.reshape(length, -1), tokens[0] != text.pad_id)
     fs.write_bytes_atomic(ctx.out.join(T.EMPTY_CAPTION_FILE), data)
-    return {"file": T.EMPTY_CAPTION_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "file": T.EMPTY_CAPTION_FILE,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "text_tokens": tokens[0].tolist(),  # text: tokens: dropped captions train on these ids
+    }
 
 
 def _check_plan(ctx: _Ctx, body: dict) -> None:
@@ -306,7 +310,7 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
         num_cpus=it.num_cpus,
         num_gpus=it.num_gpus,  # as configured: an autoscaler starts GPU nodes on request
     )
-    if cfg.recipe == "ldm":
+    if cfg.recipe == "ldm" and cfg.text == "states":  # tokens: encoded on the training workers
         e = cfg.text_encoder
         ds = ds.map_batches(
             EmbedText,
@@ -336,7 +340,8 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
     done, parts, rows, total = _committed(ctx)
     writer = ray.remote(num_cpus=0.5)(write_shard_task)
     kwargs = {"out_uri": ctx.out.uri, "recipe": ctx.cfg.recipe, "fault": ctx.fault,
-              "rows_per_shard": ctx.cfg.rows_per_shard, **ctx.storage}  # fmt: skip
+              "rows_per_shard": ctx.cfg.rows_per_shard, "text": ctx.cfg.text,
+              **ctx.storage}  # fmt: skip
     writes: dict[int, ray.ObjectRef] = {}
 
     def launch(i: int) -> None:
@@ -398,7 +403,7 @@ def _finalize(ctx: _Ctx, body: dict) -> dict:
 
     body = {
         **body,
-        "columns": output_columns(ctx.cfg.recipe),
+        "columns": output_columns(ctx.cfg.recipe, ctx.cfg.text),
         "inputs": ctx.shards,
         "rows": rows,
         "exactly_once": {
@@ -435,6 +440,7 @@ def run_tokenize(cfg: TokenizeConfig, log=print) -> dict:
     body = _describe_models(ctx, text)
     _check_plan(ctx, body)
     if cfg.recipe == "ldm":
+        body["text"] = cfg.text  # states | tokens: what the rows carry (`T.read_latent_dataset`)
         body["empty_caption"] = _write_empty_caption(ctx, text)
     _encode_and_write(ctx, text)
     manifest = _finalize(ctx, body)

@@ -30,9 +30,11 @@ PARTS_DIR = f"{WORK_DIR}/parts"
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: readers stream a file in these units
 
 
-def output_columns(recipe: str) -> list[str]:
-    """The columns of an output row, in file order."""
+def output_columns(recipe: str, text: str = "states") -> list[str]:
+    """The columns of an output row, in file order (recipe=ldm, `text: tokens`: no states)."""
     payload = [T.IMAGE_CODES] if recipe == "ar" else [T.LATENT, T.TEXT_EMBEDDING]
+    if recipe == "ldm" and text == "tokens":
+        payload = [T.LATENT]  # the ids (`text_tokens`) are encoded on the training workers
     return [C.KEY, C.CAPTION, T.TEXT_TOKENS, *payload]
 
 
@@ -66,7 +68,13 @@ def _shard_rows(out: fs.Location, parts: list[str], shard_idx: int) -> pa.Table:
 
 
 def write_tokenized_shard(
-    item: dict, *, out_uri: str, recipe: str, rows_per_shard: int, storage: StorageConfig | None
+    item: dict,
+    *,
+    out_uri: str,
+    recipe: str,
+    rows_per_shard: int,
+    storage: StorageConfig | None,
+    text: str = "states",
 ) -> dict:
     """Commit input shard `item["shard_idx"]` from the parts holding its rows; return its marker.
 
@@ -104,7 +112,7 @@ def write_tokenized_shard(
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise RuntimeError(f"{source}: key {dup!r} occurs more than once")
-    kept = kept.select(output_columns(recipe))
+    kept = kept.select(output_columns(recipe, text))
     step = rows_per_shard or max(len(kept), 1)
     files = []
     for j, start in enumerate(range(0, len(kept), step)):

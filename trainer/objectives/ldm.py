@@ -6,8 +6,10 @@
     loss                     =  mean_b w_b ‖target_b − U-Net(z_t, t, text)‖² / (C h w)
                                 target ε or v; w = min-SNR-γ weights (1 when off)
 
-Training never runs a text encoder or the autoencoder (the dataset holds their outputs); the KL-AE
-is loaded only to decode the logged sample grids. All noise is drawn on the CPU from torch's global
+Training never runs the autoencoder (the dataset holds its latents; the KL-AE is loaded only to
+decode the logged sample grids), nor a text encoder when the dataset stores text states. A dataset
+tokenized with `text: tokens` stores ids only: each worker then loads the dataset's text encoder,
+frozen, and encodes the ids in the step (`ldm_text.py`; chosen once from the manifest). All noise is drawn on the CPU from torch's global
 stream, which the loop seeds per rank and restores on resume: an interrupted run draws exactly
 what the uninterrupted one would have, on any device.
 
@@ -40,6 +42,7 @@ from trainer.diffusion import (
 )
 from trainer.ema import ShardedEma
 from trainer.models.unet import Unet, add_lora, count_forward_flops, diffusers_config, shape_of
+from trainer.objectives.ldm_text import build_conditioning
 from trainer.pretrained.diffusers_sd import released_unet
 from trainer.recon import image_grid
 from trainer.safe_files import save_safetensors
@@ -74,6 +77,7 @@ class LdmObjective:
         self.alphas_cumprod = cfg.ldm.schedule.alphas_cumprod()  # (T,) float32
         self._manifest: dict | None = None
         self._uncond: dict[str, torch.Tensor] | None = None
+        self._conditioning = None  # StoredStates | FrozenTextEncoder, built on first use
         self._autoencoder = None
         self._fwd_flops = 0.0
 
@@ -134,6 +138,21 @@ class LdmObjective:
             self._uncond = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
         return {k: v.to(device) for k, v in self._uncond.items()}
 
+    def conditioning(self, device, dtype: torch.dtype):
+        """The batch -> (text states, mask) module the dataset asks for, built once on this
+        worker's device: stored states, or (`text: tokens`) the frozen text encoder in the
+        engine's precision (`trainer/objectives/ldm_text.py`)."""
+        if self._conditioning is None:
+            synthetic = self.cfg.data.source == "synthetic"
+            self._conditioning = build_conditioning(
+                None if synthetic else self.manifest(),
+                self.empty_caption(device),
+                storage=self.cfg.storage,
+                device=torch.device(device),
+                dtype=dtype,
+            )
+        return self._conditioning
+
     # -- model and loss -----------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         if self.init is None:
@@ -149,19 +168,17 @@ class LdmObjective:
 
     def loss(self, engine, batch: dict[str, torch.Tensor]):
         z0 = batch[T.LATENT].float()  # (B, C, h, w), already scaled
-        text, mask = batch[T.TEXT_EMBEDDING].float(), batch[T.TEXT_MASK].bool()  # (B, L, D), (B, L)
         b, device = z0.shape[0], z0.device
+        dtype = next(engine.module.parameters()).dtype
         # Noise on the CPU from the loop's seeded stream (device-independent, resume-exact).
         drop = compute_caption_drop(b, self.l.caption_dropout).to(device)
         t = torch.randint(0, len(self.alphas_cumprod), (b,)).to(device)
         eps = torch.randn(z0.shape).to(device)
-        uncond = self.empty_caption(device)
-        text = torch.where(drop[:, None, None], uncond[T.TEXT_EMBEDDING].expand_as(text), text)
-        mask = torch.where(drop[:, None], uncond[T.TEXT_MASK].expand_as(mask), mask)
+        # (B, L, D) float32, (B, L) bool; dropped rows: the empty caption
+        text, mask = self.conditioning(device, dtype)(batch, drop)
         mask = mask if self.l.text_mask else None  # SD's conditioning: no mask
         z_t = compute_noisy(z0, eps, t, self.alphas_cumprod)
         target = compute_target(self.l.prediction_type, z0, eps, t, self.alphas_cumprod)
-        dtype = next(engine.module.parameters()).dtype
         pred = engine(z_t.to(dtype), t, text.to(dtype), mask).float()  # (B, C, h, w)
         per_sample = (pred - target).square().mean(dim=(1, 2, 3))  # (B,)
         weights = compute_min_snr_weights(
@@ -214,13 +231,15 @@ class LdmObjective:
         if tok is None:  # nothing to decode with (synthetic latents): no sampling either
             return {}
         n = min(GRID_PROMPTS, batch[T.LATENT].shape[0])
-        text = batch[T.TEXT_EMBEDDING][:n].float()
-        uncond = self.empty_caption(text.device)
+        device, dtype = batch[T.LATENT].device, next(engine.module.parameters()).dtype
+        keep = torch.zeros(n, dtype=torch.bool, device=device)  # no caption dropped
+        text, mask = self.conditioning(device, dtype)({k: v[:n] for k, v in batch.items()}, keep)
+        uncond = self.empty_caption(device)
         z = sample_latents(
             engine.module,
             build_scheduler("ddim", self.l.schedule.scheduler_config(self.l.prediction_type)),
             text,
-            batch[T.TEXT_MASK][:n].bool() if self.l.text_mask else None,
+            mask if self.l.text_mask else None,
             uncond[T.TEXT_EMBEDDING],
             uncond[T.TEXT_MASK],
             latent_shape=tuple(self.u.latent_shape),
