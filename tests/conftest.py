@@ -165,3 +165,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A real gloo process group of one rank in this test process (what Ray Train sets up), for
+    one test module. DeepSpeed caches its communication backend in a module global that would
+    outlive the group: it is reset with the group, so each module's engine adopts its own."""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.fail("a process group is already initialized in this test process")
+    ds_comm.cdb = None
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        ds_comm.cdb = None
+
+
+@pytest.fixture(scope="session")
+def lazy():
+    """torch's lazy-tensor device (TorchScript backend on this CPU): not the CPU. Its backend can
+    be registered once per process, hence one fixture for the session."""
+    import torch
+    import torch._lazy
+    import torch._lazy.ts_backend
+
+    torch._lazy.ts_backend.init()
+    return torch.device("lazy", 0)

@@ -140,28 +140,6 @@ def _to_cpu(v):
     return v
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A real gloo process group of one rank in this process (what Ray Train sets up)."""
-    if dist.is_initialized():
-        pytest.fail("a process group is already initialized in this test process")
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def lazy():
-    """torch's lazy-tensor device (TorchScript backend on this CPU): not the CPU."""
-    import torch._lazy
-    import torch._lazy.ts_backend
-
-    torch._lazy.ts_backend.init()
-    return torch.device("lazy", 0)
-
-
 # ---- the guard itself -------------------------------------------------------------------------
 
 

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.config import load_config
-from tests.conftest import free_port
 from trainer import engine as eng
 from trainer.config import ScalingSection, TrainConfig
 
@@ -69,6 +68,7 @@ def test_launch_and_submit_never_forward_the_shells_accelerator(monkeypatch):
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/tmp/ext")
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)  # set by ray_local
     assert launch.worker_env() == {"TORCH_EXTENSIONS_DIR": "/tmp/ext"}
     assert "DS_ACCELERATOR" not in FORWARD_ENV
     worker_runtime_env = launch.worker_runtime_env
@@ -86,18 +86,6 @@ def test_launch_and_submit_never_forward_the_shells_accelerator(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: kw)
     common.init_ray(common.RayConfig(num_cpus=1, dashboard=False))
     assert "DS_ACCELERATOR" not in os.environ
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A real gloo process group of one rank in this process (what Ray Train sets up)."""
-    if dist.is_initialized():
-        pytest.fail("a process group is already initialized in this test process")
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
 
 
 def test_cpu_worker_on_a_gpu_host_builds_a_cpu_engine_with_gloo(world_of_one, monkeypatch):
@@ -131,16 +119,6 @@ def test_cpu_worker_on_a_gpu_host_builds_a_cpu_engine_with_gloo(world_of_one, mo
 
 
 # ---- 2. scalar parameters travel on the worker's device -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lazy():
-    """torch's lazy-tensor device (TorchScript backend on this CPU): not the CPU."""
-    import torch._lazy
-    import torch._lazy.ts_backend
-
-    torch._lazy.ts_backend.init()
-    return torch.device("lazy", 0)
 
 
 class Scalar(torch.nn.Module):
