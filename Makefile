@@ -10,6 +10,11 @@ DEMO_ARGS ?=
 
 # Compiled DeepSpeed ops and Ray state stay inside the checkout, shared by runs and tests.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The venv's tools first, for this process and every Ray worker it starts: torch builds
+# DeepSpeed's ops with whichever `ninja` PATH finds, and a system ninja of another version
+# (Debian's 1.11 writes a v5 build log, the venv's 1.13 a v7 one) makes each rebuild the op
+# the other built (~40-90 s a time) whenever the driver and the workers alternate.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # DS_ACCELERATOR=cpu: for the CPU-only processes started here (tests, drivers). Training workers
 # never inherit it: each sets its own from scaling.use_gpu (trainer/engine.py worker_device_env).
 export DS_ACCELERATOR ?= cpu

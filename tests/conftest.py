@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 
+# The venv's tools first (also for the Ray workers this process starts): one `ninja` builds
+# DeepSpeed's ops for the driver and the workers alike (see the Makefile's PATH line).
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
+
 
 def free_port() -> int:
     with socket.socket() as s:
