@@ -12,9 +12,6 @@ and (taming) the `vqgan_train:` loss settings carried over.
 
 from __future__ import annotations
 
-import io
-import pickle
-import re
 from dataclasses import asdict
 
 import torch
@@ -26,6 +23,7 @@ from trainer.models.discriminator import DISC_PREFIX, NLayerDiscriminator
 from trainer.models.dvae import DvaeConfig, DvaeTokenizer
 from trainer.models.image_tokenizer import CONFIG, WEIGHTS, load_strict
 from trainer.models.vqgan import LOSS_PREFIX, VqganConfig, VqganTokenizer, autoencoder_state
+from trainer.pretrained.weights import load_weights
 
 # --------------------------------------------------------------------------------------------
 # OpenAI dall_e checkpoints -> a tokenizer directory
@@ -34,25 +32,13 @@ from trainer.models.vqgan import LOSS_PREFIX, VqganConfig, VqganTokenizer, autoe
 
 def _read_state_dict(path: str, storage=None) -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors` or a `torch.save`d dict (weights_only: no code runs)."""
-    loc = fs.resolve(path, storage=storage)
-    data = fs.read_bytes(loc)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: not a plain state dict (it pickles code, e.g. OpenAI's encoder.pkl / "
-            f"decoder.pkl hold whole modules), and we never unpickle code. In a trusted "
-            f"environment with the `dall_e` package, run `torch.save(dall_e.load_model("
-            f"'{path}').state_dict(), 'encoder.pt')` (likewise for the decoder) and pass those "
-            f"files. ({str(e).splitlines()[0]})"
-        ) from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-    return obj
+    return load_weights(
+        fs.read_bytes(fs.resolve(path, storage=storage)),
+        path,
+        hint="OpenAI's encoder.pkl / decoder.pkl hold whole modules. In a trusted environment "
+        f"with the `dall_e` package, run `torch.save(dall_e.load_model('{path}').state_dict(), "
+        "'encoder.pt')` (likewise for the decoder) and pass those files",
+    )
 
 
 def _need(sd: dict, key: str, path: str) -> torch.Tensor:
@@ -162,32 +148,18 @@ def _write_tokenizer_dir(
 # taming-transformers checkpoints -> a tokenizer directory
 # --------------------------------------------------------------------------------------------
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-
 
 def read_taming_state_dict(path: str) -> dict[str, torch.Tensor]:
     """`state_dict` of a taming `.ckpt` (Lightning) or a `.safetensors` file, never unpickling
     code: `torch.load(weights_only=True)` refuses any pickled global, and we name it."""
-    data = fs.read_bytes(fs.resolve(path))
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _GLOBAL_RE.search(str(e))
-        name = found.group(1) if found else str(e).splitlines()[0]
-        raise ValueError(
-            f"{path}: the checkpoint pickles {name}, and we never unpickle code. In a trusted "
-            f"environment, re-save its weights only: `torch.save({{'state_dict': torch.load("
-            f"'{path}', weights_only=False)['state_dict']}}, 'weights.ckpt')` (or save them as "
-            f".safetensors) and pass that file."
-        ) from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
-    return sd
+    return load_weights(
+        fs.read_bytes(fs.resolve(path)),
+        path,
+        hint="in a trusted environment, re-save its weights only: `torch.save({'state_dict': "
+        f"torch.load('{path}', weights_only=False)['state_dict']}}, 'weights.ckpt')` (or save "
+        "them as .safetensors) and pass that file",
+        unwrap="state_dict",
+    )
 
 
 # taming `VQLPIPSWithDiscriminator` params carried into `vqgan_train:` (same names there), and the

@@ -17,9 +17,17 @@ DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pyto
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def load_weights(data: bytes, uri: str) -> dict[str, torch.Tensor]:
+def load_weights(
+    data: bytes,
+    uri: str,
+    *,
+    hint: str = "save its state dict as .safetensors",
+    unwrap: str | None = None,
+) -> dict[str, torch.Tensor]:
     """A state dict from the bytes of `uri`: safetensors by its name, else a weights-only
-    `torch.load` (a ValueError naming the file and the pickled global it refused)."""
+    `torch.load` (a ValueError naming the file, the pickled global it refused and `hint`: what
+    to do instead). `unwrap`: the key a checkpoint may nest its state dict under (Lightning's
+    "state_dict")."""
     if uri.endswith(".safetensors"):
         from safetensors.torch import load
 
@@ -33,9 +41,10 @@ def load_weights(data: bytes, uri: str) -> dict[str, torch.Tensor]:
         found = _GLOBAL_RE.search(str(e))
         name = found.group(1) if found else str(e).splitlines()[0]
         raise ValueError(
-            f"{uri}: the file pickles {name}, and we never unpickle code (save its state dict "
-            f"as .safetensors)"
+            f"{uri}: the file pickles {name}, and we never unpickle code ({hint})"
         ) from None
+    if unwrap is not None and isinstance(obj, dict) and unwrap in obj:
+        obj = obj[unwrap]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{uri}: expected a state dict of tensors, got {type(obj).__name__}")
     return obj
