@@ -177,13 +177,19 @@ def one_thread():
 def world_of_one():
     """A real gloo process group of one rank in this test process (what Ray Train sets up), for
     one test module. DeepSpeed caches its communication backend in a module global that would
-    outlive the group: it is reset with the group, so each module's engine adopts its own."""
+    outlive the group (its backend, and `groups._WORLD_GROUP`, the clone of the world group it
+    broadcasts over): both are reset with the group, so each module's engine adopts its own."""
     import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
     import torch.distributed as dist
+
+    def forget():
+        ds_comm.cdb = None
+        ds_groups._WORLD_GROUP = None
 
     if dist.is_initialized():
         pytest.fail("a process group is already initialized in this test process")
-    ds_comm.cdb = None
+    forget()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
@@ -191,7 +197,7 @@ def world_of_one():
         yield
     finally:
         dist.destroy_process_group()
-        ds_comm.cdb = None
+        forget()
 
 
 @pytest.fixture(scope="session")
