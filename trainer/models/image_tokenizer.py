@@ -19,6 +19,20 @@ WEIGHTS = "model.safetensors"  # a tokenizer directory: the weights
 CONFIG = "config.yaml"  # ... and the `t2i train` config naming the kind and its shape
 
 
+def name_mismatch(expected, have) -> str | None:
+    """The first missing name (in `expected`'s own order) and the first unexpected one of a
+    weights file, with counts; None when the names are exactly `expected`."""
+    have = set(have)
+    missing = [k for k in expected if k not in have]
+    unexpected = sorted(have.difference(expected))
+    parts = []
+    if missing:
+        parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
+    if unexpected:
+        parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+    return "; ".join(parts) or None
+
+
 def load_strict(
     module: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str, layout: str
 ) -> None:
@@ -26,17 +40,9 @@ def load_strict(
     the module's own order) or the first shape mismatch, instead of torch's wall of keys.
     `what` names the source (a file, a run), `layout` the expected one ("dVAE", "VQGAN", ...)."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
-        if unexpected:
-            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-        raise ValueError(
-            f"{what}: state dict does not match the {layout} layout: {'; '.join(parts)}"
-        )
+    mismatch = name_mismatch(expected, state_dict)
+    if mismatch:
+        raise ValueError(f"{what}: state dict does not match the {layout} layout: {mismatch}")
     for k, v in expected.items():
         if tuple(state_dict[k].shape) != tuple(v.shape):
             raise ValueError(

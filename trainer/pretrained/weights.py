@@ -11,6 +11,7 @@ import re
 import torch
 
 from data_pipeline import fs
+from trainer.models.image_tokenizer import name_mismatch
 
 # A diffusers model folder's weights, in the order diffusers itself prefers them.
 DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -96,16 +97,9 @@ class LazyTensors:
 def check_names(expected: dict[str, tuple[int, ...]], tensors: LazyTensors, prefix: str) -> None:
     """ValueError naming the file and the first missing/unexpected name or wrong shape."""
     want = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
-    have = set(tensors.names())
-    missing = [k for k in want if k not in have]
-    unexpected = sorted(have - set(want))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key {missing[0]!r} ({len(missing)} missing)")
-        if unexpected:
-            parts.append(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-        raise ValueError(f"{tensors.path}: weights do not match the model: {'; '.join(parts)}")
+    mismatch = name_mismatch(want, tensors.names())
+    if mismatch:
+        raise ValueError(f"{tensors.path}: weights do not match the model: {mismatch}")
     for k, shape in want.items():
         if tensors.shape(k) != shape:
             raise ValueError(
