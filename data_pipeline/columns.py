@@ -30,6 +30,11 @@ IMAGE_CODES = "image_codes"  # int list: the image tokenizer's codes, raster ord
 LATENT = "latent"  # float16 list: C*H*W, shape in manifest["latent_shape"]
 TEXT_EMBEDDING = "text_embedding"  # float16 list: L*D, shape in manifest["text_embedding_shape"]
 TEXT_MASK = "text_mask"  # reader output only: (B, L) bool, True where a token is not padding
+# recipe=ldm `flip: true`: the latent of the horizontally mirrored image (same shape as `latent`)
+LATENT_FLIP = "latent_flip"
+# recipe=ldm `buckets: true`: the row's latent grid (its aspect-ratio bucket); `latent` holds C*h*w
+LATENT_H = "latent_h"  # int32
+LATENT_W = "latent_w"  # int32
 SAMPLE_ID = "id"  # synthetic rows only: the row's id (drills log which samples were consumed)
 
 # --- verdict --------------------------------------------------------------------------------------
@@ -41,6 +46,9 @@ WIDTH = "width"  # int64: decoded image width (0 when not decoded)
 HEIGHT = "height"  # int64
 PIXEL_HASH = "pixel_hash"  # str: sha256 of the decoded RGB pixels and their shape ("" if none)
 PIXELS = "pixels"  # uint8 (S, S, 3): resized, centre-cropped image for CLIP (zeros if invalid)
+# tokenize `buckets: true`: PIXELS is (S*S*3,) flat, the bucket's H*W*3 first, zero-padded
+BUCKET = "bucket"  # int32: index of the row's aspect-ratio bucket (tokenize, in flight only)
+LATENT_LEN = "latent_len"  # int64: C*h*w of the row's bucket (tokenize, in flight only)
 CLIP_SCORE = "clip_score"  # float32: cosine(image, text); NaN when not scored
 EMBEDDING = "embedding"  # float32 (D,): L2-normalised CLIP image embedding (zeros if not scored)
 

@@ -27,6 +27,9 @@ from data_pipeline import fs
 from data_pipeline.columns import (  # the on-disk columns, named in the one vocabulary
     IMAGE_CODES,
     LATENT,
+    LATENT_FLIP,
+    LATENT_H,
+    LATENT_W,
     SAMPLE_ID,
     TEXT_EMBEDDING,
     TEXT_MASK,
@@ -56,14 +59,23 @@ def read_token_dataset(uri: str, *, storage: StorageConfig | None = None):
     return ds.map_batches(_lists_to_arrays, batch_format="numpy"), manifest
 
 
-def read_latent_dataset(uri: str, *, storage: StorageConfig | None = None):
+def read_latent_dataset(uri: str, *, storage: StorageConfig | None = None, flips: bool = False):
     """(ray.data.Dataset of `latent` (B, C, H, W) and `text_embedding` (B, L, D) float32 arrays
     and `text_mask` (B, L) bool, manifest) for a latent dataset (`t2i tokenize` recipe=ldm).
-    A `text: tokens` dataset gives `text_tokens` (B, L) int64 in place of `text_embedding`."""
+    A `text: tokens` dataset gives `text_tokens` (B, L) int64 in place of `text_embedding`.
+    `flips`: also `latent_flip` (the mirrored image's latent; the dataset must hold it).
+    A bucketed dataset (`buckets` in the manifest) gives `latent` (and `latent_flip`) as
+    (B, C*H*W) with the square's C*H*W zero-padded (row i holds its C*h*w first) and
+    `latent_h`, `latent_w` (B,) int64: the trainer regroups rows by grid (`bucket_grids`)."""
     import ray.data
 
     base = fs.resolve(uri, storage=storage)
     manifest = read_latent_manifest(base)
+    if flips and not manifest.get("flip"):
+        raise ValueError(
+            f"{base.uri}: this latent dataset holds no mirrored latents; re-run `t2i tokenize` "
+            f"with flip=true"
+        )
     shapes = {}
     for col, key in ((LATENT, "latent_shape"), (TEXT_EMBEDDING, "text_embedding_shape")):
         shape = manifest.get(key)
@@ -76,10 +88,13 @@ def read_latent_dataset(uri: str, *, storage: StorageConfig | None = None):
     stored = latent_text(manifest)
     if stored == "tokens":  # the rows hold ids only: the trainer's frozen encoder makes states
         del shapes[TEXT_EMBEDDING]
-    columns = [*shapes, TEXT_TOKENS]
+    if flips:
+        shapes[LATENT_FLIP] = shapes[LATENT]
+    grids = bool(manifest.get("buckets"))
+    columns = [*shapes, TEXT_TOKENS, *([LATENT_H, LATENT_W] if grids else [])]
     ds = ray.data.read_parquet(paths, filesystem=base.fs, columns=columns)
     pad = int(manifest["text_pad_id"])
-    arrays = _LatentArrays(shapes, pad, ids=stored == "tokens")
+    arrays = _LatentArrays(shapes, pad, ids=stored == "tokens", grids=grids)
     return ds.map_batches(arrays, batch_format="numpy"), manifest
 
 
@@ -146,14 +161,24 @@ class _LatentArrays:
     """Flattened fp16 list columns -> (B, *shape) float32 arrays (fp16 on disk halves the I/O),
     and the text mask from the token ids."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], pad_id: int, ids: bool = False):
-        self.shapes, self.pad_id, self.ids = shapes, pad_id, ids
+    def __init__(self, shapes: dict[str, tuple[int, ...]], pad_id: int, ids: bool = False,
+                 grids: bool = False):  # fmt: skip
+        self.shapes, self.pad_id, self.ids, self.grids = shapes, pad_id, ids, grids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {
-            k: np.stack(batch[k]).astype(np.float32).reshape(-1, *shape)
-            for k, shape in self.shapes.items()
-        }
+        out = {}
+        for k, shape in self.shapes.items():
+            if self.grids and k in (LATENT, LATENT_FLIP):  # ragged rows -> zero-padded (B, N)
+                rows = batch[k]
+                padded = np.zeros((len(rows), int(np.prod(shape))), np.float32)
+                for i, row in enumerate(rows):
+                    padded[i, : len(row)] = row
+                out[k] = padded
+            else:
+                out[k] = np.stack(batch[k]).astype(np.float32).reshape(-1, *shape)
+        if self.grids:
+            out[LATENT_H] = np.asarray(batch[LATENT_H], np.int64)
+            out[LATENT_W] = np.asarray(batch[LATENT_W], np.int64)
         tokens = np.stack(batch[TEXT_TOKENS])  # (B, L)
         out[TEXT_MASK] = tokens != self.pad_id
         if self.ids:  # text: tokens

@@ -36,6 +36,17 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def resize_cover_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """RGB PIL image -> (height, width, 3) uint8: scaled (bicubic) until it covers the target,
+    centre crop; for a square target this is `resize_center_crop`."""
+    w, h = img.size
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
+
+
 def decode_image(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str, str]:
     """Decode untrusted bytes to (H, W, 3) uint8 RGB; returns (rgb, reason, detail)."""
     try:

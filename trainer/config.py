@@ -254,6 +254,10 @@ class LdmSection:
     # beside the base `unet/`. ZeRO-0/1/2 only.
     lora_rank: int = 0
     lora_alpha: float = 0.0  # LoRA scale alpha / rank; 0: alpha = rank
+    # Probability of training a row on its mirrored image: the dataset's `latent_flip` (the
+    # autoencoder's latent of the flipped image; `t2i tokenize` flip=true), drawn per row from
+    # the loop's seeded CPU stream (resume-exact). 0: off (no draw)
+    random_flip: float = 0.0
 
 
 @dataclass

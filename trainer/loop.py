@@ -95,9 +95,11 @@ def train_loop_per_worker(config: dict) -> None:
     guard = NonFiniteGuard(cfg.engine.max_bad_steps, engine_device(engines))
     micro_in_step = 0
     on_step = getattr(objective, "on_step", None)
+    # Optional: the objective regroups each epoch's batches (ldm aspect-ratio buckets)
+    regroup = getattr(objective, "batch_regrouper", lambda world: None)(world)
     while state.step < cfg.steps:
         seen_in_pass = 0
-        for batch in iter_epoch(shard, cfg, state):
+        for batch in iter_epoch(shard, cfg, state, regroup):
             seen_in_pass += 1
             state.batches_in_epoch += 1
             for cb in callbacks:
@@ -253,8 +255,10 @@ def log_images(objective, engines: dict, batch, logger: MetricsLogger, step: int
 PREFETCH_BATCHES = 2  # batches Ray Data prepares ahead of the one training (Ray's default: 1)
 
 
-def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
-    """This rank's batches for `state.epoch`, skipping those a previous attempt consumed."""
+def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState, regroup=None):
+    """This rank's batches for `state.epoch`, skipping those a previous attempt consumed;
+    `regroup` (the objective's, optional) maps the batch stream to the one trained on (a pure
+    function of it, so the skip stays exact) and gives every rank the same number."""
     skip = state.batches_in_epoch
     seed = cfg.data.shuffle_seed * 100_003 + state.epoch
     it = shard.iter_torch_batches(
@@ -267,6 +271,8 @@ def iter_epoch(shard, cfg: TrainConfig, state: ckpt_io.TrainState):
         prefetch_batches=PREFETCH_BATCHES,
         pin_memory=cfg.scaling.use_gpu,
     )
+    if regroup is not None:
+        it = regroup(it)
     for i, batch in enumerate(it):
         if i >= skip:
             yield batch

@@ -75,6 +75,15 @@ class TokenizeConfig:
     # states (L x D fp16; 154 KiB a row for SD 2's 77 x 1024); tokens: only the ids
     # (`text_tokens`, L int32), the same frozen encoder runs on the training workers each step
     text: Literal["states", "tokens"] = "states"
+    # recipe=ldm: also encode the horizontally mirrored image (`latent_flip`), so that training
+    # can flip at random (`ldm.random_flip`) with the autoencoder's own latent of the mirror
+    flip: bool = False
+    # recipe=ldm: aspect-ratio buckets (`data_pipeline/tokenize/buckets.py`): each image goes to
+    # the (H, W) nearest its aspect ratio, sides multiples of bucket_step, H*W <= image_size**2,
+    # sides at most bucket_max_ratio apart; resized to cover it, centre-cropped. false: squares
+    buckets: bool = False
+    bucket_step: int = 64  # bucket sides are multiples of this (of the autoencoder's factor too)
+    bucket_max_ratio: float = 2.0  # longest side / shortest side of a bucket, at most
     text_tokenizer: TextTokenizerSection = field(default_factory=TextTokenizerSection)
     image_tokenizer: ImageTokenizerSection = field(default_factory=ImageTokenizerSection)
     text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
@@ -101,6 +110,16 @@ def check_config(cfg: TokenizeConfig) -> None:
         raise ConfigError("pretrained: a pipeline folder is for recipe=ldm")
     if cfg.text == "tokens" and cfg.recipe != "ldm":
         raise ConfigError("text=tokens is for recipe=ldm (recipe=ar rows hold only ids anyway)")
+    for key in ("flip", "buckets"):
+        if getattr(cfg, key) and cfg.recipe != "ldm":
+            raise ConfigError(f"{key}=true is for recipe=ldm (latent datasets)")
+    if cfg.buckets:
+        from data_pipeline.tokenize.buckets import compute_buckets
+
+        try:
+            compute_buckets(cfg.image_size, cfg.bucket_step, cfg.bucket_max_ratio)
+        except ValueError as e:
+            raise ConfigError(f"buckets: {e}") from None
     if not cfg.image_tokenizer.path and not cfg.pretrained:
         raise ConfigError(
             "missing required value 'image_tokenizer.path' (or, recipe=ldm, `pretrained:` a "

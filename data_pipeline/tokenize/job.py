@@ -37,6 +37,7 @@ from data_pipeline.tokenize import sd
 from data_pipeline.tokenize.config import TokenizeConfig, check_config
 from data_pipeline.tokenize.stages import (
     PART_META_KEY,
+    DecodeBuckets,
     DecodeSquare,
     EmbedText,
     EncodeImages,
@@ -183,6 +184,16 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
         "text_pad_id": text.pad_id,
         "columns": None,  # filled by _finalize
     }
+    if cfg.recipe == "ldm":
+        body["flip"] = cfg.flip  # rows carry `latent_flip` (`ldm.random_flip` needs it)
+    if cfg.buckets:  # every bucket's latent grid (the rows per bucket: `_finalize`)
+        body["buckets"] = {
+            "step": cfg.bucket_step,
+            "max_ratio": cfg.bucket_max_ratio,
+            "shapes": [{"size": [h, w], "latent_shape": [tok.latent_channels, tok.grid(h),
+                                                          tok.grid(w)]}
+                       for h, w in _buckets(cfg)],
+        }  # fmt: skip
     if want_discrete:
         from data_pipeline.tokenize.stages import code_dtype
 
@@ -222,6 +233,27 @@ def _describe_models(ctx: _Ctx, text: TextTokenizer) -> dict:
             },
         )
     return body
+
+
+def _buckets(cfg: TokenizeConfig) -> list[tuple[int, int]]:
+    """The (H, W) aspect-ratio buckets (`buckets: true`), else []."""
+    from data_pipeline.tokenize.buckets import compute_buckets
+
+    return compute_buckets(cfg.image_size, cfg.bucket_step, cfg.bucket_max_ratio) if (
+        cfg.buckets) else []  # fmt: skip
+
+
+def _bucket_counts(body: dict, markers: list[dict]) -> dict:
+    """`buckets`: the manifest's bucket list with each bucket's row count (from the markers)."""
+    if "buckets" not in body:
+        return {}
+    counts: dict[str, int] = {}
+    for m in markers:
+        for grid, n in m.get("buckets", {}).items():
+            counts[grid] = counts.get(grid, 0) + n
+    shapes = [{**s, "rows": counts.get("{}x{}".format(*s["latent_shape"][1:]), 0)}
+              for s in body["buckets"]["shapes"]]  # fmt: skip
+    return {"buckets": {**body["buckets"], "shapes": shapes}}
 
 
 def _write_empty_caption(ctx: _Ctx, text: TextTokenizer) -> dict:
@@ -292,16 +324,20 @@ def _build_plan(ctx: _Ctx, items: list[dict], text: TextTokenizer):
     ds = ds.flat_map(read_shard_task, fn_kwargs={"limits": ctx.limits, **ctx.storage})
     # Decode reserves its worst case (an RGB image at the pixel limit); a different resource
     # shape also keeps Ray Data from fusing CPU work into the model actors' processes.
+    buckets = _buckets(cfg)
+    decode = DecodeBuckets(cfg.image_size, cfg.max_pixels, buckets) if buckets else DecodeSquare(
+        cfg.image_size, cfg.max_pixels)  # fmt: skip
     ds = ds.map_batches(
-        DecodeSquare(cfg.image_size, cfg.max_pixels),
+        decode,
         batch_size=cfg.decode_batch_size,
         memory=(512 << 20) + 4 * cfg.max_pixels,  # process baseline + pixels
     )
     ds = ds.map_batches(TokenizeText(text.to_bytes()), batch_size=cfg.decode_batch_size)
     it = cfg.image_tokenizer
     spec = ImageEncoderSpec(
-        sd.image_tokenizer_path(cfg), cfg.storage, it.batch_size, max(1, int(it.num_cpus))
-    )
+        sd.image_tokenizer_path(cfg), cfg.storage, it.batch_size, max(1, int(it.num_cpus)),
+        flip=cfg.flip, buckets=tuple(buckets), image_size=cfg.image_size,
+    )  # fmt: skip
     ds = ds.map_batches(
         EncodeImages,
         fn_constructor_args=(spec,),
@@ -341,7 +377,7 @@ def _encode_and_write(ctx: _Ctx, text: TextTokenizer) -> None:
     writer = ray.remote(num_cpus=0.5)(write_shard_task)
     kwargs = {"out_uri": ctx.out.uri, "recipe": ctx.cfg.recipe, "fault": ctx.fault,
               "rows_per_shard": ctx.cfg.rows_per_shard, "text": ctx.cfg.text,
-              **ctx.storage}  # fmt: skip
+              "flip": ctx.cfg.flip, "buckets": ctx.cfg.buckets, **ctx.storage}  # fmt: skip
     writes: dict[int, ray.ObjectRef] = {}
 
     def launch(i: int) -> None:
@@ -403,7 +439,7 @@ def _finalize(ctx: _Ctx, body: dict) -> dict:
 
     body = {
         **body,
-        "columns": output_columns(ctx.cfg.recipe, ctx.cfg.text),
+        "columns": output_columns(ctx.cfg.recipe, ctx.cfg.text, ctx.cfg.flip, ctx.cfg.buckets),
         "inputs": ctx.shards,
         "rows": rows,
         "exactly_once": {
@@ -413,6 +449,7 @@ def _finalize(ctx: _Ctx, body: dict) -> dict:
             "unique_keys": True,
         },  # fmt: skip
         "quarantine": {"file": "quarantine.parquet", "reasons": dict(sorted(reasons.items()))},
+        **_bucket_counts(body, markers),
         "shards": [{**f, "source_shard": m["source_shard"]} for m in markers for f in m["files"]],
     }
     fmt, version = (T.FORMAT, T.VERSION) if ctx.cfg.recipe == "ar" else (

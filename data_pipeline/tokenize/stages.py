@@ -25,7 +25,7 @@ from data_pipeline import resumable
 from data_pipeline import token_dataset as T
 from data_pipeline.config import StorageConfig
 from data_pipeline.devices import assigned_device
-from data_pipeline.validate import decode_image, resize_center_crop
+from data_pipeline.validate import decode_image, resize_center_crop, resize_cover_crop
 
 PART_META_KEY = b"t2i_tokenize_part"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -39,6 +39,10 @@ class ImageEncoderSpec:
     storage: StorageConfig | None  # the job's S3 endpoint, region, retries and timeouts
     batch_size: int  # rows per forward pass (short batches are padded to it)
     threads: int  # torch threads per actor
+    flip: bool = False  # also encode the mirrored image (`latent_flip`)
+    # the (H, W) aspect-ratio buckets of `DecodeBuckets` (pixels arrive flat); (): squares
+    buckets: tuple[tuple[int, int], ...] = ()
+    image_size: int = 0  # buckets: the square side S whose latent buffer every row fills
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,39 @@ class DecodeSquare:
         return out
 
 
+class DecodeBuckets:
+    """`buckets: true`: image bytes -> `pixels` (S*S*3,) uint8, the image resized to cover the
+    bucket nearest its aspect ratio (`buckets.assign_bucket`) and centre-cropped to that
+    (H, W), flattened, zero-padded to the square's size; `bucket` (int32) its index. Every row
+    then has one width in flight (H*W <= S*S). Failures quarantine the row, as `DecodeSquare`."""
+
+    def __init__(self, image_size: int, max_pixels: int, buckets: list[tuple[int, int]]):
+        self.size, self.max_pixels, self.buckets = image_size, max_pixels, list(buckets)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from data_pipeline.tokenize.buckets import assign_bucket
+
+        n = len(batch[C.KEY])
+        reasons = batch[C.REASON].astype(object)
+        details = batch[C.DETAIL].astype(object)
+        pixels = np.zeros((n, self.size * self.size * 3), np.uint8)
+        bucket = np.zeros(n, np.int32)
+        for i in range(n):
+            if reasons[i]:
+                continue
+            rgb, reason, detail = decode_image(bytes(batch[C.IMAGE][i]), self.max_pixels)
+            if rgb is None:
+                reasons[i], details[i] = reason, _ADDRESS.sub("", detail)
+                continue
+            bucket[i] = assign_bucket(rgb.shape[1], rgb.shape[0], self.buckets)
+            h, w = self.buckets[bucket[i]]
+            pixels[i, : h * w * 3] = resize_cover_crop(Image.fromarray(rgb), h, w).reshape(-1)
+        out = {k: v for k, v in batch.items() if k not in (C.IMAGE, C.IMAGE_EXT)}
+        out.update({C.REASON: reasons.astype(str), C.DETAIL: details.astype(str),
+                    C.PIXELS: pixels, C.BUCKET: bucket})  # fmt: skip
+        return out
+
+
 class TokenizeText:
     """Captions -> `text_tokens` (B, text_len) int32 with the dataset's `TextTokenizer`."""
 
@@ -156,17 +193,50 @@ class EncodeImages:
         pixels = batch[C.PIXELS]
         ok = np.flatnonzero(batch[C.REASON] == "")
         column = T.IMAGE_CODES if self.tok.discrete else T.LATENT
-        result = None
+        out = {k: v for k, v in batch.items() if k not in (C.PIXELS, C.BUCKET)}
+        if self.spec.buckets:
+            return {**out, **self._encode_buckets(pixels, batch[C.BUCKET], ok)}
+        result = flipped = None
         for start in range(0, len(ok), self.spec.batch_size):
             idx = ok[start : start + self.spec.batch_size]
             enc = self.encode(pixels[idx])
             if result is None:
                 result = np.zeros((len(pixels), enc.shape[1]), enc.dtype)
+                flipped = np.zeros_like(result) if self.spec.flip else None
             result[idx] = enc
+            if self.spec.flip:  # (B, S, S, 3): mirrored along the width
+                flipped[idx] = self.encode(pixels[idx][:, :, ::-1])
         if result is None:  # nothing valid in this batch: any width will do, rows are dropped
             result = np.zeros((len(pixels), 1), np.float16 if column == T.LATENT else np.int16)
-        out = {k: v for k, v in batch.items() if k != C.PIXELS}
+            flipped = result
         out[column] = result
+        if self.spec.flip:
+            out[T.LATENT_FLIP] = flipped
+        return out
+
+    def _encode_buckets(self, pixels: np.ndarray, bucket: np.ndarray, ok: np.ndarray) -> dict:
+        """`buckets`: each bucket's rows encoded together at its (H, W) in fixed-size passes;
+        latents (C*h*w) zero-padded to the square's C*g*g, with `latent_h`, `latent_w` and
+        `latent_len` (the writer stores C*h*w values per row)."""
+        f, c = self.tok.downsample, self.tok.latent_channels
+        n, g = len(pixels), self.spec.image_size // self.tok.downsample
+        result = np.zeros((n, c * g * g), np.float16)
+        flipped = np.zeros_like(result)
+        lat_h, lat_w = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        for b in sorted(set(bucket[ok].tolist())):
+            h, w = self.spec.buckets[b]
+            rows = ok[bucket[ok] == b]
+            for start in range(0, len(rows), self.spec.batch_size):
+                idx = rows[start : start + self.spec.batch_size]
+                img = pixels[idx, : h * w * 3].reshape(-1, h, w, 3)  # (B, H, W, 3)
+                result[idx, : c * (h // f) * (w // f)] = self.encode(img)
+                if self.spec.flip:
+                    flipped[idx, : c * (h // f) * (w // f)] = self.encode(img[:, :, ::-1])
+            lat_h[rows], lat_w[rows] = h // f, w // f
+        out = {T.LATENT: result, T.LATENT_H: lat_h, T.LATENT_W: lat_w,
+               C.LATENT_LEN: c * lat_h.astype(np.int64) * lat_w}  # fmt: skip
+        if self.spec.flip:
+            out[T.LATENT_FLIP] = flipped
         return out
 
 
@@ -234,8 +304,11 @@ PAYLOAD_TYPES = {
     T.TEXT_TOKENS: pa.list_(pa.int32()),
     T.IMAGE_CODES: None,  # int16 or int32 list: from the batch
     T.LATENT: pa.list_(pa.float16()),
+    T.LATENT_FLIP: pa.list_(pa.float16()),
     T.TEXT_EMBEDDING: pa.list_(pa.float16()),
 }
+RAGGED = (T.LATENT, T.LATENT_FLIP)  # with `latent_len` in the batch: C*h*w values per row
+GRID_TYPES = {T.LATENT_H: pa.int32(), T.LATENT_W: pa.int32()}  # `buckets: true`
 ID_TYPES = {
     C.SHARD_IDX: pa.int64(),
     C.SEQ: pa.int64(),
@@ -247,10 +320,18 @@ ID_TYPES = {
 }
 
 
-def list_column(values: np.ndarray, item_type: pa.DataType) -> pa.Array:
-    """(B, N) array -> Arrow list<item_type> without a Python loop."""
+def list_column(
+    values: np.ndarray, item_type: pa.DataType, lengths: np.ndarray | None = None
+) -> pa.Array:
+    """(B, N) array -> Arrow list<item_type> without a Python loop; with `lengths` (B,), row i
+    holds only its first lengths[i] values (a zero-padded ragged batch)."""
     values = np.ascontiguousarray(values)
     b, n = values.shape
+    if lengths is not None:
+        lengths = np.asarray(lengths, np.int64)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
+        kept = values[np.arange(n)[None, :] < lengths[:, None]]  # row-major: row 0's first
+        return pa.ListArray.from_arrays(offsets, pa.array(kept, type=item_type))
     offsets = pa.array(np.arange(0, (b + 1) * n, n, dtype=np.int32) if b else [0], pa.int32())
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=item_type))
 
@@ -263,7 +344,11 @@ def batch_table(batch: dict[str, np.ndarray]) -> pa.Table:
     for name in PAYLOAD_TYPES:
         if name in batch:
             values = np.asarray(batch[name])
-            arrays[name] = list_column(values, pa.from_numpy_dtype(values.dtype))
+            lengths = batch.get(C.LATENT_LEN) if name in RAGGED else None
+            arrays[name] = list_column(values, pa.from_numpy_dtype(values.dtype), lengths)
+    for name, typ in GRID_TYPES.items():
+        if name in batch:
+            arrays[name] = pa.array(np.asarray(batch[name]).astype(np.int32), type=typ)
     return pa.table(arrays)
 
 

@@ -30,12 +30,18 @@ PARTS_DIR = f"{WORK_DIR}/parts"
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: readers stream a file in these units
 
 
-def output_columns(recipe: str, text: str = "states") -> list[str]:
-    """The columns of an output row, in file order (recipe=ldm, `text: tokens`: no states)."""
-    payload = [T.IMAGE_CODES] if recipe == "ar" else [T.LATENT, T.TEXT_EMBEDDING]
-    if recipe == "ldm" and text == "tokens":
-        payload = [T.LATENT]  # the ids (`text_tokens`) are encoded on the training workers
-    return [C.KEY, C.CAPTION, T.TEXT_TOKENS, *payload]
+def output_columns(
+    recipe: str, text: str = "states", flip: bool = False, buckets: bool = False
+) -> list[str]:
+    """The columns of an output row, in file order (recipe=ldm, `text: tokens`: no states;
+    `flip`: the mirrored image's latent; `buckets`: the latent grid of the row's bucket)."""
+    if recipe == "ar":
+        return [C.KEY, C.CAPTION, T.TEXT_TOKENS, T.IMAGE_CODES]
+    image = [T.LATENT, *([T.LATENT_FLIP] if flip else []),
+             *([T.LATENT_H, T.LATENT_W] if buckets else [])]  # fmt: skip
+    # text: tokens: the ids (`text_tokens`) are encoded on the training workers
+    states = [T.TEXT_EMBEDDING] if text == "states" else []
+    return [C.KEY, C.CAPTION, T.TEXT_TOKENS, *image, *states]
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -75,6 +81,8 @@ def write_tokenized_shard(
     rows_per_shard: int,
     storage: StorageConfig | None,
     text: str = "states",
+    flip: bool = False,
+    buckets: bool = False,
 ) -> dict:
     """Commit input shard `item["shard_idx"]` from the parts holding its rows; return its marker.
 
@@ -112,7 +120,7 @@ def write_tokenized_shard(
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise RuntimeError(f"{source}: key {dup!r} occurs more than once")
-    kept = kept.select(output_columns(recipe, text))
+    kept = kept.select(output_columns(recipe, text, flip, buckets))
     step = rows_per_shard or max(len(kept), 1)
     files = []
     for j, start in enumerate(range(0, len(kept), step)):
@@ -130,6 +138,12 @@ def write_tokenized_shard(
         "quarantine": quarantine,
         "files": files,
     }
+    if buckets:  # rows per latent grid "hxw" (the manifest sums them)
+        grids = zip(kept[T.LATENT_H].to_pylist(), kept[T.LATENT_W].to_pylist(), strict=True)
+        counts: dict[str, int] = {}
+        for h, w in grids:
+            counts[f"{h}x{w}"] = counts.get(f"{h}x{w}", 0) + 1
+        marker["buckets"] = counts
     # Written last: its presence marks the shard committed (a rerun skips it).
     fs.write_bytes_atomic(
         out.join(DONE_DIR, f"{shard_name(i)}.json"), json.dumps(marker, sort_keys=True).encode()

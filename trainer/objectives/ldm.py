@@ -33,6 +33,7 @@ import torch
 
 from data_pipeline import fs
 from data_pipeline import token_dataset as T
+from data_pipeline.config import ConfigError
 from trainer.config import TrainConfig
 from trainer.diffusion import (
     compute_caption_drop,
@@ -42,6 +43,7 @@ from trainer.diffusion import (
 )
 from trainer.ema import ShardedEma
 from trainer.models.unet import Unet, add_lora, count_forward_flops, diffusers_config, shape_of
+from trainer.objectives.ldm_buckets import compute_bucket_steps, regroup_buckets
 from trainer.objectives.ldm_text import build_conditioning
 from trainer.pretrained.diffusers_sd import released_unet
 from trainer.recon import image_grid
@@ -65,6 +67,13 @@ class LdmObjective:
             self.u = shape_of(self.init.config, cfg.unet)
         else:
             cfg.unet.check()  # on the driver too (it builds the objective): fail before Ray Train
+        if not 0.0 <= cfg.ldm.random_flip <= 1.0:
+            raise ValueError(f"ldm.random_flip must be in [0, 1], got {cfg.ldm.random_flip}")
+        if cfg.ldm.random_flip and cfg.data.source != "tokens":
+            raise ConfigError(
+                f"ldm.random_flip={cfg.ldm.random_flip} needs a latent dataset with mirrored "
+                f"latents (data.source=tokens, tokenized with flip=true)"
+            )
         if cfg.ldm.lora_rank < 0:
             raise ValueError(f"ldm.lora_rank must be >= 0, got {cfg.ldm.lora_rank}")
         if cfg.ldm.lora_rank and cfg.engine.zero_stage == 3:
@@ -111,6 +120,12 @@ class LdmObjective:
                 raise ValueError(
                     f"{e} (the U-Net of ldm.init_from: {self.init.config_path})"
                 ) from None
+            if self.l.random_flip and not manifest.get("flip"):
+                raise ConfigError(
+                    f"ldm.random_flip={self.l.random_flip}: the latent dataset {d.path} holds no "
+                    f"mirrored latents; tokenize it with flip=true (or set ldm.random_flip=0)"
+                )
+            self._check_buckets(manifest, d.path)
             self._manifest = manifest
         return self._manifest
 
@@ -124,8 +139,38 @@ class LdmObjective:
         if d.source != "tokens":
             raise ValueError("objective=ldm reads a latent dataset: data.source=tokens|synthetic")
         self.manifest()
-        ds, _ = T.read_latent_dataset(d.path, storage=self.cfg.storage)
+        flips = self.l.random_flip > 0  # the mirrored latents are read only when used
+        ds, _ = T.read_latent_dataset(d.path, storage=self.cfg.storage, flips=flips)
         return ds
+
+    def _check_buckets(self, manifest: dict, source: str) -> None:
+        """A bucketed dataset: every bucket's latent grid must pass the U-Net's downsampling."""
+        factor = 2 ** (len(self.u.block_out_channels) - 1)
+        for s in (manifest.get("buckets") or {}).get("shapes", []):
+            _, h, w = s["latent_shape"]
+            if s.get("rows") and (h % factor or w % factor):
+                raise ValueError(
+                    f"{source}: bucket {s['size']} has a {h}x{w} latent, not divisible by the "
+                    f"U-Net's downsampling {factor}: tokenize with a bucket_step that gives "
+                    f"latent sides multiple of {factor}"
+                )
+
+    def batch_regrouper(self, world: int):
+        """Loop hook: None, or (bucketed dataset) a function of a rank's mixed batch stream to
+        one-grid batches, the same count on every rank (`ldm_buckets.py`)."""
+        if self.cfg.data.source != "tokens" or not self.manifest().get("buckets"):
+            return None
+        m, b = self.manifest(), self.cfg.data.batch_size
+        filled = sum(1 for s in m["buckets"]["shapes"] if s.get("rows"))
+        steps = compute_bucket_steps(int(m["rows"]), world, b, filled)
+        if steps < 1:
+            raise ValueError(
+                f"{self.cfg.data.path}: {m['rows']} rows in {filled} buckets give no full "
+                f"one-bucket batch of data.batch_size={b} per rank on {world} workers (each rank "
+                f"needs at least {filled} x ({b} - 1) + {b} rows)"
+            )
+        channels = int(m["latent_shape"][0])
+        return lambda batches: regroup_buckets(batches, b, steps, channels)
 
     def empty_caption(self, device) -> dict[str, torch.Tensor]:
         """The unconditional text states (L, D) float32 and mask (L,) bool, on `device`."""
@@ -174,6 +219,9 @@ class LdmObjective:
         drop = compute_caption_drop(b, self.l.caption_dropout).to(device)
         t = torch.randint(0, len(self.alphas_cumprod), (b,)).to(device)
         eps = torch.randn(z0.shape).to(device)
+        if self.l.random_flip:  # drawn only when on: default runs draw what they always did
+            flip = (torch.rand(b) < self.l.random_flip).to(device)
+            z0 = torch.where(flip[:, None, None, None], batch[T.LATENT_FLIP].float(), z0)
         # (B, L, D) float32, (B, L) bool; dropped rows: the empty caption
         text, mask = self.conditioning(device, dtype)(batch, drop)
         mask = mask if self.l.text_mask else None  # SD's conditioning: no mask
@@ -242,7 +290,7 @@ class LdmObjective:
             mask if self.l.text_mask else None,
             uncond[T.TEXT_EMBEDDING],
             uncond[T.TEXT_MASK],
-            latent_shape=tuple(self.u.latent_shape),
+            latent_shape=tuple(batch[T.LATENT].shape[1:]),  # the batch's bucket (or square)
             steps=self.l.sample_steps,
             guidance=self.l.sample_guidance,
             generator=torch.Generator().manual_seed(self.cfg.seed),
