@@ -85,6 +85,37 @@ def test_regrouping_gives_one_shape_per_batch_equal_counts_and_exact_skips():
     with pytest.raises(RuntimeError, match="ended after"):
         list(regroup_buckets(stream(0, 8), b, 3, channels))
 
+    # The loop skips a resumed epoch's consumed batches AFTER regrouping: the rest is the tail
+    from trainer import checkpoint as ck
+    from trainer.config import TrainConfig
+    from trainer.loop import iter_epoch
+
+    class Shard:  # one rank's mixed batches (what Ray Data's iter_torch_batches yields)
+        def iter_torch_batches(self, **kw):
+            return stream(7, rows // world)
+
+    def regroup(batches):
+        return regroup_buckets(batches, b, steps, channels)
+
+    cfg = TrainConfig(name="x")
+    full = list(iter_epoch(Shard(), cfg, ck.TrainState(), regroup))
+    tail = list(iter_epoch(Shard(), cfg, ck.TrainState(batches_in_epoch=3), regroup))
+    assert len(full) == steps and len(tail) == steps - 3
+    assert all(torch.equal(x[T.LATENT], y[T.LATENT]) for x, y in zip(full[3:], tail, strict=True))
+
+
+def test_bucket_and_flip_keys_are_checked():
+    from data_pipeline.config import ConfigError, load_config
+    from data_pipeline.tokenize.config import TokenizeConfig, check_config
+
+    base = ["input=x", "output=y", "image_tokenizer.path=z"]
+    for bad, match in ((["flip=true"], "recipe=ldm"), (["buckets=true"], "recipe=ldm"),
+                       (["recipe=ldm", "text_encoder.allow_random=true",
+                         "text_tokenizer.kind=open_clip", "buckets=true", "bucket_step=48"],
+                        "bucket_step=48 must be >= 1 and divide image_size=256")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            check_config(load_config(TokenizeConfig, None, base + bad))
+
 
 @pytest.fixture(scope="module")
 def photo_latents(ray_local, tmp_path_factory):
@@ -157,8 +188,8 @@ def _fit(tmp_path, name, data, *overrides):
         TrainConfig,
         REPO / "jobs/configs/ldm_tiny.yaml",
         [f"name={name}", f"checkpoint.storage_path={tmp_path}", "engine.precision=fp32",
-         "steps=6", "log_every=6", "checkpoint.every_steps=2", "checkpoint.keep=0",
-         "data.source=tokens", f"data.path={data}", "data.batch_size=4", "data.cache=false",
+         "steps=6", "log_every=6", "checkpoint.every_steps=4", "checkpoint.keep=0",
+         "data.source=tokens", f"data.path={data}", "data.batch_size=4",
          "data.local_shuffle_buffer=8", "ldm.random_flip=0.5", "ldm.sample_steps=2",
          "failure_max_retries=0", *overrides],
     )  # fmt: skip
@@ -170,8 +201,8 @@ def _fit(tmp_path, name, data, *overrides):
 @pytest.mark.slow
 def test_bucketed_flipped_training_on_two_ranks_resumes_exactly(photo_latents, tmp_path):
     """2 workers x batch 4 over 40 rows in 3 buckets: 3 one-bucket batches per rank per epoch
-    (pigeonhole), so 6 steps cross an epoch; a worker killed after step 4 (mid-epoch 2) resumes
-    from the step-4 checkpoint to bit-identical weights."""
+    (pigeonhole), so 6 steps cross an epoch; a worker killed after step 5 resumes from the
+    step-4 checkpoint (epoch 2, one regrouped batch consumed) to bit-identical weights."""
     from safetensors.torch import load_file
 
     from data_pipeline.config import ConfigError, load_config
@@ -182,7 +213,7 @@ def test_bucketed_flipped_training_on_two_ranks_resumes_exactly(photo_latents, t
     data = root / "latents"
     assert compute_bucket_steps(40, 2, 4, 3) == 3
     clean = _fit(tmp_path, "clean", data)
-    killed = _fit(tmp_path, "killed", data, "faults.kill_at_steps=[4]",
+    killed = _fit(tmp_path, "killed", data, "faults.kill_at_steps=[5]",
                   f"faults.marker_dir={tmp_path}/marks", "failure_max_retries=1")  # fmt: skip
     assert (tmp_path / "marks").exists()
     final = "checkpoints/step_00000006/model.safetensors"

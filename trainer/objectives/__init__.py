@@ -13,6 +13,7 @@ Optional hooks (the loop calls them when present):
     callbacks                                  loop callbacks (trainer/callbacks.py), e.g. the
                                                EMA, whose per-rank state is checkpointed
     write_export(local_dir, weights)           an ecosystem layout beside model.safetensors
+    batch_regrouper(world) -> fn | None        maps each epoch's batch stream (ldm buckets)
 
 Several parts, an optimizer each (a GAN; see trainer/engine.py): declare `parts = ("model",
 "discriminator")` and `build_parts() -> {part: nn.Module}` instead of `build_model`; optionally
