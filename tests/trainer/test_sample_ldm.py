@@ -91,3 +91,27 @@ def test_sharded_over_ray_actors_equals_in_process(ray_local, inputs, tmp_path):
     assert sorted((r["prompt_index"], r["rank"]) for r in rows) == [
         (p, k) for p in range(3) for k in (1, 2)
     ]
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_text_encoder_sha256_matches_tokenize_for_file_and_folder(tmp_path, folder):
+    """An open_clip release folder as text encoder: sampling hashes its weights file, as
+    tokenize recorded it (`check_checkpoint`), not the folder's whole tree (#27)."""
+    from types import SimpleNamespace
+
+    from data_pipeline import fs
+    from trainer.sampling.ldm import text_encoder_checkpoint
+
+    root = tmp_path / "open_clip_release"
+    root.mkdir()
+    weights = root / "open_clip_model.safetensors"
+    weights.write_bytes(b"weights bytes")  # hashed, not parsed
+    (root / "open_clip_config.json").write_text('{"model_cfg": {}}')
+    ckpt = str(root if folder else weights)
+    manifest = {"text_encoder": {"model": "ViT-B-32", "checkpoint": ckpt,
+                                 "checkpoint_sha256": fs.file_digest(str(weights))[1]}}  # fmt: skip
+    cfg = SimpleNamespace(text_encoder="", storage=None, tokens="latents")
+    assert text_encoder_checkpoint(cfg, manifest) == ckpt  # the folder itself: its json says more
+    manifest["text_encoder"]["checkpoint_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="sha256"):
+        text_encoder_checkpoint(cfg, manifest)

@@ -34,6 +34,7 @@ from data_pipeline import fs
 from data_pipeline.config import StorageConfig
 from trainer.diffusion import compute_guided
 from trainer.engine import DTYPES, resolve_precision
+from trainer.pretrained.clip_models import ClipSpec, fetch_weights
 from trainer.sampling.common import (
     Candidates,
     Chunk,
@@ -152,14 +153,20 @@ def text_encoder_checkpoint(cfg: SampleConfig, manifest: dict) -> str:
                 f"(sha256 {want[:12]}...) that its manifest does not locate; set text_encoder="
             )
         return ""  # random-weights encoder (tests): the manifest recorded none either
-    local = fs.fetch_checkpoint(path, storage=cfg.storage, what="text_encoder")  # s3://: cached
-    got = local.sha256
+    # The weights file's sha256, also inside an open_clip release folder: what tokenize recorded
+    # (`check_checkpoint`) and training checks (`ldm_text.load_frozen_encoder`); a folder's
+    # whole-tree digest would never match it. s3://: fetched once per node.
+    spec = ClipSpec(recorded.get("model", ""), recorded.get("model_config"), path, 1, 1,
+                    storage=cfg.storage)  # fmt: skip
+    got = fetch_weights(spec, "text_encoder").sha256
     if got != want:
         raise ValueError(
             f"text_encoder {path}: sha256 {got[:12]}... but the dataset {cfg.tokens} was encoded "
             f"with {recorded.get('checkpoint') or 'another checkpoint'} (sha256 {want[:12]}...)"
         )
-    return local.path
+    loc = fs.resolve(path, storage=cfg.storage)  # the actor reads a local copy (cached above)
+    return fs.fetch_checkpoint(path, storage=cfg.storage, what="text_encoder").path if loc.is_s3 \
+        else loc.path
 
 
 class LdmGenerator:
